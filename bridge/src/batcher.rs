@@ -1,0 +1,177 @@
+//! The batcher task: turns the stream of MQTT messages into Kafka batches.
+//!
+//! A batch is sent when it holds `max_records` records or when `interval` has passed since its
+//! first record, whichever comes first. Order is kept: records leave in the order messages came
+//! in. When its input closes (shutdown), the open batch is sent and the task ends, which closes
+//! the Kafka task's input in turn: that is how the pipeline drains.
+//!
+//! Both channels are bounded. While the Kafka task does not take a batch, the batcher waits and
+//! stops reading messages, so backpressure reaches the MQTT task instead of piling up here.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, error};
+
+use crate::{Batch, Message, Record};
+
+/// Batching rule, from `KAFKA_BATCH_SIZE` and `KAFKA_INTERVAL`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatcherConfig {
+    /// Records in a full batch; at least 1.
+    pub max_records: usize,
+    /// Longest time a record waits in an open batch.
+    pub interval: Duration,
+}
+
+/// The batcher task; see the module documentation.
+pub struct Batcher {
+    config: BatcherConfig,
+}
+
+impl Batcher {
+    pub fn new(config: BatcherConfig) -> Self {
+        assert!(config.max_records > 0, "a batch holds at least one record");
+        Self { config }
+    }
+
+    /// Runs until `input` closes, then sends the open batch and returns.
+    pub async fn run(self, mut input: mpsc::Receiver<Message>, output: mpsc::Sender<Batch>) {
+        let max = self.config.max_records;
+        let mut batch = Batch::with_capacity(max);
+        let mut incoming = Vec::with_capacity(max.min(1024));
+        // Armed when the open batch gets its first record.
+        let mut deadline = Instant::now();
+        let timer = sleep_until(deadline);
+        tokio::pin!(timer);
+
+        loop {
+            let closed = tokio::select! {
+                biased;
+                received = input.recv_many(&mut incoming, max - batch.len()) => received == 0,
+                () = &mut timer, if !batch.is_empty() => false,
+            };
+            if !incoming.is_empty() {
+                if batch.is_empty() {
+                    deadline = Instant::now() + self.config.interval;
+                    timer.as_mut().reset(deadline);
+                }
+                batch
+                    .records
+                    .extend(incoming.drain(..).map(Record::from_message));
+            }
+            let due = batch.len() >= max || (!batch.is_empty() && Instant::now() >= deadline);
+            if (due || closed) && !batch.is_empty() {
+                let full = std::mem::replace(&mut batch, Batch::with_capacity(max));
+                debug!(records = full.len(), "Batch ready.");
+                if output.send(full).await.is_err() {
+                    error!("Kafka task stopped before the batcher; records in flight are lost.");
+                    return;
+                }
+            }
+            if closed {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::QoS;
+
+    fn message(n: usize) -> Message {
+        Message {
+            topic: format!("t/{n}"),
+            payload: Bytes::from(n.to_string()),
+            qos: QoS::AtLeastOnce,
+            received_at: Instant::now(),
+        }
+    }
+
+    fn start(
+        max_records: usize,
+        interval: Duration,
+    ) -> (mpsc::Sender<Message>, mpsc::Receiver<Batch>) {
+        let (in_tx, in_rx) = mpsc::channel(64);
+        let (out_tx, out_rx) = mpsc::channel(4);
+        let batcher = Batcher::new(BatcherConfig {
+            max_records,
+            interval,
+        });
+        tokio::spawn(batcher.run(in_rx, out_tx));
+        (in_tx, out_rx)
+    }
+
+    fn keys(batch: &Batch) -> Vec<&str> {
+        batch.records.iter().map(|r| r.key.as_str()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batch_is_sent_when_full_before_the_interval() {
+        let (tx, mut rx) = start(3, Duration::from_secs(3600));
+        for n in 0..7 {
+            tx.send(message(n)).await.expect("batcher runs");
+        }
+        let first = rx.recv().await.expect("a full batch");
+        let second = rx.recv().await.expect("a second full batch");
+        assert_eq!(keys(&first), ["t/0", "t/1", "t/2"]);
+        assert_eq!(keys(&second), ["t/3", "t/4", "t/5"]);
+        // The seventh waits for the interval, which is an hour away.
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partial_batch_is_sent_after_the_interval() {
+        let (tx, mut rx) = start(1000, Duration::from_millis(250));
+        let started = Instant::now();
+        tx.send(message(1)).await.expect("batcher runs");
+        tx.send(message(2)).await.expect("batcher runs");
+        let batch = rx.recv().await.expect("a batch after the interval");
+        assert_eq!(keys(&batch), ["t/1", "t/2"]);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_millis(300),
+            "sent after {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn interval_counts_from_the_first_record_of_a_batch() {
+        let (tx, mut rx) = start(1000, Duration::from_secs(1));
+        let started = Instant::now();
+        tx.send(message(1)).await.expect("batcher runs");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        tx.send(message(2)).await.expect("batcher runs");
+        let batch = rx.recv().await.expect("a batch");
+        assert_eq!(batch.len(), 2);
+        assert!(started.elapsed() < Duration::from_millis(1050));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_batch_is_flushed_when_input_closes() {
+        let (tx, mut rx) = start(1000, Duration::from_secs(3600));
+        for n in 0..5 {
+            tx.send(message(n)).await.expect("batcher runs");
+        }
+        drop(tx);
+        let batch = rx.recv().await.expect("the open batch");
+        assert_eq!(keys(&batch), ["t/0", "t/1", "t/2", "t/3", "t/4"]);
+        assert!(rx.recv().await.is_none(), "output closes after the flush");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_carry_the_envelope() {
+        let (tx, mut rx) = start(1, Duration::from_secs(1));
+        tx.send(message(7)).await.expect("batcher runs");
+        let batch = rx.recv().await.expect("a batch");
+        assert_eq!(
+            batch.records[0].value,
+            br#"{"topic":"t/7","content":"Nw=="}"#
+        );
+    }
+}

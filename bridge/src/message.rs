@@ -1,0 +1,92 @@
+//! The hand-offs of the pipeline: [`Message`] (from MQTT), [`Record`] (ready for Kafka) and
+//! [`Batch`] (what the Kafka task writes in one go).
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+/// MQTT quality of service of a received message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QoS {
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+impl QoS {
+    /// The level as a number, as MQTT and the configuration write it.
+    pub fn level(self) -> u8 {
+        self as u8
+    }
+
+    /// The level for a number, `None` for anything but 0, 1 and 2.
+    pub fn from_level(level: u8) -> Option<Self> {
+        match level {
+            0 => Some(Self::AtMostOnce),
+            1 => Some(Self::AtLeastOnce),
+            2 => Some(Self::ExactlyOnce),
+            _ => None,
+        }
+    }
+}
+
+/// One message as received from the MQTT broker.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// When the bridge took it off the MQTT connection; the start of the end-to-end latency.
+    pub received_at: Instant,
+}
+
+/// One Kafka record: the MQTT topic as key (so one MQTT topic always lands in one partition and
+/// keeps its order) and the encoded envelope as value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub received_at: Instant,
+}
+
+impl Record {
+    /// Builds the record for a message, encoding its envelope.
+    pub fn from_message(message: Message) -> Self {
+        let mut value = Vec::with_capacity(crate::envelope::encoded_len(
+            &message.topic,
+            message.payload.len(),
+        ));
+        crate::envelope::encode(&message.topic, &message.payload, &mut value);
+        Self {
+            key: message.topic,
+            value,
+            received_at: message.received_at,
+        }
+    }
+
+    /// Bytes this record holds, for memory accounting.
+    pub fn size(&self) -> usize {
+        self.key.len() + self.value.len()
+    }
+}
+
+/// Records written to Kafka together, in the order they were received.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+}
+
+impl Batch {
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            records: Vec::with_capacity(capacity),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}

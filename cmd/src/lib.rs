@@ -1,0 +1,186 @@
+//! Wiring of the bridge: builds the tasks from a [`Config`], connects them with bounded
+//! channels, and drains them on shutdown.
+//!
+//! ```text
+//! MqttSource ──Message──▶ Batcher ──Batch──▶ KafkaSink
+//!   (mqtt)     bounded     (bridge)  bounded   (kafka)
+//! ```
+//!
+//! Only the MQTT task watches the shutdown signal. When it stops it drops its sender; the
+//! batcher flushes its open batch and drops its own; the Kafka task delivers what it holds and
+//! ends. The whole drain runs under `SHUTDOWN_TIMEOUT`. `main` and the integration tests both go
+//! through [`Bridge::start`] and [`Bridge::run_until`] (or [`run`], which is both).
+
+pub mod config;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use mkb_bridge::Batcher;
+use mkb_kafka::{KafkaMetrics, KafkaSink};
+use mkb_mqtt::{MqttMetrics, MqttSource};
+use mkb_observability::{HealthServer, Readiness, ReadinessHandle};
+use prometheus::Registry;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+pub use config::{Config, ConfigError};
+
+/// Messages waiting between the MQTT task and the batcher.
+const MESSAGE_QUEUE: usize = 4096;
+/// Batches waiting between the batcher and the Kafka task.
+const BATCH_QUEUE: usize = 2;
+
+/// Why the bridge could not start or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kafka(#[from] mkb_kafka::KafkaError),
+    #[error(transparent)]
+    Http(#[from] mkb_observability::ObservabilityError),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("shutdown did not finish within {0:?}; records still in the pipeline were lost")]
+    DrainTimeout(std::time::Duration),
+    #[error("the {0} task failed: {1}")]
+    Task(&'static str, String),
+}
+
+/// A started bridge: its tasks run until [`Bridge::run_until`] is told to stop.
+pub struct Bridge {
+    config: Config,
+    health_addr: SocketAddr,
+    readiness: ReadinessHandle,
+    stop_mqtt: Option<oneshot::Sender<()>>,
+    stop_http: Option<oneshot::Sender<()>>,
+    mqtt: JoinHandle<()>,
+    batcher: JoinHandle<()>,
+    kafka: JoinHandle<()>,
+    http: JoinHandle<()>,
+}
+
+/// Starts a bridge and runs it until `shutdown` completes, then drains it.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    Bridge::start(config).await?.run_until(shutdown).await
+}
+
+impl Bridge {
+    /// Serves HTTP, prepares Kafka (topics, start-up probe), then starts reading MQTT.
+    pub async fn start(config: Config) -> Result<Self, Error> {
+        let registry = Registry::new();
+        let mqtt_metrics = MqttMetrics::new(&registry)?;
+        let kafka_metrics = KafkaMetrics::new(&registry)?;
+
+        let (http_server, readiness) = HealthServer::bind(config.health_addr, registry).await?;
+        let health_addr = http_server.local_addr();
+        let (stop_http, http_stopped) = oneshot::channel::<()>();
+        let http = tokio::spawn(http_server.run(async {
+            let _ = http_stopped.await;
+        }));
+
+        let sink = match KafkaSink::connect(config.kafka.clone(), kafka_metrics).await {
+            Ok(sink) => sink,
+            Err(e) => {
+                let _ = stop_http.send(());
+                return Err(e.into());
+            }
+        };
+
+        let (message_tx, message_rx) = mpsc::channel(MESSAGE_QUEUE);
+        let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
+        let kafka = tokio::spawn(sink.run(batch_rx));
+        let batcher = tokio::spawn(Batcher::new(config.batcher.clone()).run(message_rx, batch_tx));
+        let (stop_mqtt, mqtt_stopped) = oneshot::channel::<()>();
+        let source = MqttSource::new(config.mqtt.clone(), mqtt_metrics);
+        let mqtt = tokio::spawn(source.run(message_tx, async {
+            let _ = mqtt_stopped.await;
+        }));
+        readiness.set(Readiness::Ready);
+        info!(
+            mqtt = %format_args!("{}:{}", config.mqtt.host, config.mqtt.port),
+            filters = ?config.mqtt.filters,
+            kafka = %config.kafka.brokers,
+            topic = %config.kafka.topic,
+            "Bridge started."
+        );
+        Ok(Self {
+            config,
+            health_addr,
+            readiness,
+            stop_mqtt: Some(stop_mqtt),
+            stop_http: Some(stop_http),
+            mqtt,
+            batcher,
+            kafka,
+            http,
+        })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health_addr
+    }
+
+    /// Runs until `shutdown` completes (or a task fails), then drains the pipeline.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        // The pipeline's tasks only end on their own when something broke.
+        let early_end = tokio::select! {
+            () = shutdown => None,
+            joined = &mut self.kafka => Some(("Kafka", joined)),
+            joined = &mut self.batcher => Some(("batcher", joined)),
+            joined = &mut self.mqtt => Some(("MQTT", joined)),
+        };
+        if let Some((task, joined)) = early_end {
+            let reason = joined
+                .err()
+                .map_or("ended early".to_owned(), |e| e.to_string());
+            error!(task, reason = %reason, "A bridge task stopped unexpectedly.");
+            self.abort();
+            return Err(Error::Task(task, reason));
+        }
+
+        info!("Shutting down: draining the pipeline.");
+        self.readiness
+            .set(Readiness::NotReady("shutting down".to_owned()));
+        stop(&mut self.stop_mqtt);
+        let timeout = self.config.shutdown_timeout;
+        let drained = tokio::time::timeout(timeout, async {
+            for (name, task) in [
+                ("MQTT", &mut self.mqtt),
+                ("batcher", &mut self.batcher),
+                ("Kafka", &mut self.kafka),
+            ] {
+                task.await.map_err(|e| Error::Task(name, e.to_string()))?;
+            }
+            Ok(())
+        })
+        .await;
+        stop(&mut self.stop_http);
+        let _ = (&mut self.http).await;
+        match drained {
+            Ok(result) => {
+                info!("Bridge stopped.");
+                result
+            }
+            Err(_elapsed) => {
+                error!(timeout = ?timeout, "Drain did not finish in time; undelivered records are lost.");
+                self.abort();
+                Err(Error::DrainTimeout(timeout))
+            }
+        }
+    }
+
+    fn abort(&self) {
+        self.mqtt.abort();
+        self.batcher.abort();
+        self.kafka.abort();
+        self.http.abort();
+    }
+}
+
+fn stop(signal: &mut Option<oneshot::Sender<()>>) {
+    if let Some(signal) = signal.take() {
+        let _ = signal.send(());
+    }
+}

@@ -1,0 +1,108 @@
+//! The `mqtt-kafka-bridge` binary: parses flags and configuration, installs logging, runs the
+//! bridge until SIGINT or SIGTERM, and maps the outcome to an exit status
+//! (0 clean stop, 64 bad configuration, 1 anything else).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use mqtt_kafka_bridge::config::{self, VARIABLES};
+
+const EXIT_CONFIG: u8 = 64;
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let mut env_file: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                print!("{}", help());
+                return ExitCode::SUCCESS;
+            }
+            "-V" | "--version" => {
+                println!("mqtt-kafka-bridge {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            "--env-file" => match args.next() {
+                Some(path) => env_file = Some(PathBuf::from(path)),
+                None => return usage_error("--env-file needs a path"),
+            },
+            other => match other.strip_prefix("--env-file=") {
+                Some(path) => env_file = Some(PathBuf::from(path)),
+                None => return usage_error(&format!("unknown argument {other:?} (see --help)")),
+            },
+        }
+    }
+
+    let host_name = gethostname::gethostname()
+        .into_string()
+        .unwrap_or_else(|_| "mqtt-kafka-bridge".to_owned());
+    // Variables that are not UTF-8 cannot be ours; skip them rather than panic.
+    let environment = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    let config = match config::load(environment, env_file.as_deref(), &host_name) {
+        Ok(config) => config,
+        Err(e) => return usage_error(&e.to_string()),
+    };
+    if let Err(e) = mkb_log::init(config.log) {
+        eprintln!("mqtt-kafka-bridge: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the async runtime.");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(mqtt_kafka_bridge::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("mqtt-kafka-bridge: {message}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot watch SIGTERM; stopping on SIGINT only.");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("Signal received.");
+}
+
+fn help() -> String {
+    let mut text = String::from(
+        "mqtt-kafka-bridge: subscribes to MQTT topic filters and writes every message to Kafka.\n\n\
+         Usage: mqtt-kafka-bridge [--env-file PATH] [--help] [--version]\n\n\
+         Configuration comes from environment variables, then a .env file in the working\n\
+         directory (or --env-file PATH); the real environment wins.\n\n\
+         Variables (default in brackets):\n",
+    );
+    for variable in VARIABLES {
+        let default = variable.default.unwrap_or("unset");
+        text.push_str(&format!(
+            "  {:<26} {} [{}]\n",
+            variable.name, variable.meaning, default
+        ));
+    }
+    text.push_str("\nExit status: 0 clean stop, 64 bad configuration, 1 any other failure.\n");
+    text
+}

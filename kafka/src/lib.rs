@@ -1,0 +1,22 @@
+//! The Kafka side of the bridge: one task that alone owns the rdkafka producer.
+//!
+//! [`KafkaSink::connect`] builds the producer (`acks=all`, idempotent), creates missing topics
+//! through the Admin API and runs the start-up probe. [`KafkaSink::run`] then writes each
+//! [`mkb_bridge::Batch`] and waits for every delivery report before taking the next, so a batch
+//! is either wholly in Kafka or still held here.
+//!
+//! Errors fall in three kinds (see [`sink`]): final for one record (too large: counted and
+//! dropped, the pipeline goes on), worth a short wait (local queue full), and "Kafka is down":
+//! the undelivered records are kept, in order, and tried again every `retry_interval`; nothing
+//! behind them overtakes them.
+
+mod config;
+mod context;
+mod error;
+mod metrics;
+mod sink;
+
+pub use config::KafkaConfig;
+pub use error::KafkaError;
+pub use metrics::KafkaMetrics;
+pub use sink::KafkaSink;

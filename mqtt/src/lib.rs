@@ -1,0 +1,15 @@
+//! The MQTT side of the bridge: one task that owns the rumqttc event loop.
+//!
+//! [`MqttSource`] connects, subscribes to every configured filter, and hands each received
+//! publish on as a [`mkb_bridge::Message`] through a bounded channel. It reconnects forever with
+//! capped, jittered exponential [`Backoff`] and subscribes again on every connection; a broker
+//! that is down never makes it exit. Only shutdown does, and then it drops its sender, which is
+//! what starts the drain of the rest of the pipeline.
+
+mod backoff;
+mod metrics;
+mod source;
+
+pub use backoff::Backoff;
+pub use metrics::MqttMetrics;
+pub use source::{MqttConfig, MqttSource};

@@ -1,0 +1,105 @@
+//! Reading what the bridge wrote: an rdkafka consumer assigned to every partition of a topic
+//! from the beginning (no consumer group offsets), decoding each envelope.
+
+use std::time::Duration;
+
+use mkb_bridge::envelope;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+/// One record read back from Kafka, envelope decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub key: Option<Vec<u8>>,
+    /// The envelope's `topic`: the MQTT topic the message was published to.
+    pub mqtt_topic: String,
+    pub payload: Vec<u8>,
+    /// The raw record value, for byte-level checks.
+    pub value: Vec<u8>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Reads a topic from its first offset.
+pub struct KafkaReader {
+    consumer: StreamConsumer,
+    pub received: Vec<Received>,
+}
+
+impl KafkaReader {
+    /// Assigns every partition of `topic` (which must exist within 20 s) from the beginning.
+    pub async fn new(brokers: &str, topic: &str) -> Self {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("mkb-test-{}", crate::unique()))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("log.connection.close", "false")
+            .create()
+            .expect("create Kafka consumer");
+        let partitions = crate::eventually(
+            Duration::from_secs(20),
+            &format!("Kafka topic {topic} to exist"),
+            || {
+                let metadata = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .ok();
+                async move {
+                    let metadata = metadata?;
+                    let found = metadata.topics().iter().find(|t| t.name() == topic)?;
+                    if found.error().is_some() || found.partitions().is_empty() {
+                        return None;
+                    }
+                    Some(found.partitions().len())
+                }
+            },
+        )
+        .await;
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions {
+            let partition = i32::try_from(partition).expect("few partitions");
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .expect("valid offset");
+        }
+        consumer.assign(&assignment).expect("assign partitions");
+        Self {
+            consumer,
+            received: Vec::new(),
+        }
+    }
+
+    /// Reads until at least `count` records in all were read or `deadline` passed; returns
+    /// everything read so far.
+    pub async fn read_at_least(&mut self, count: usize, deadline: Duration) -> &[Received] {
+        let give_up = tokio::time::Instant::now() + deadline;
+        while self.received.len() < count {
+            let Ok(next) = tokio::time::timeout_at(give_up, self.consumer.recv()).await else {
+                break;
+            };
+            let message = next.expect("Kafka consumer error");
+            let value = message.payload().unwrap_or_default().to_vec();
+            let decoded = envelope::decode(&value)
+                .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&value)));
+            self.received.push(Received {
+                key: message.key().map(<[u8]>::to_vec),
+                mqtt_topic: decoded.topic,
+                payload: decoded.payload,
+                value,
+                partition: message.partition(),
+                offset: message.offset(),
+            });
+        }
+        &self.received
+    }
+
+    /// Reads until `count` records were read, failing the test after `deadline`.
+    pub async fn read_exactly(&mut self, count: usize, deadline: Duration) -> &[Received] {
+        let read = self.read_at_least(count, deadline).await.len();
+        assert!(
+            read >= count,
+            "read {read} of {count} records from Kafka within {deadline:?}"
+        );
+        &self.received
+    }
+}

@@ -1,0 +1,192 @@
+//! Test harness: real Mosquitto and tansu processes on free loopback ports, a Kafka reader, an
+//! MQTT publisher, and a handle to a bridge started through the same code as `main`.
+//!
+//! Servers are child processes owned by their handle and killed (by PID) when it drops, so a
+//! failing test leaves nothing behind. A missing server binary fails the test with the command
+//! that installs it; nothing is skipped.
+
+pub mod kafka;
+pub mod mqtt;
+pub mod servers;
+
+use std::future::Future;
+use std::time::Duration;
+
+use mqtt_kafka_bridge::{Bridge, Config, config};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use kafka::KafkaReader;
+pub use mqtt::Publisher;
+pub use servers::{Mosquitto, Tansu};
+
+/// Installs a test logger once; `MKB_TEST_LOG=debug` shows the bridge's logs.
+pub fn init_logging() {
+    let level = std::env::var("MKB_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
+    let level = mkb_log_level(&level);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_test_writer()
+        .try_init();
+}
+
+fn mkb_log_level(value: &str) -> tracing::Level {
+    value.parse().unwrap_or(tracing::Level::WARN)
+}
+
+/// Polls `condition` until it returns `Some`, or fails the test after `deadline` with `what`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A configuration for a bridge between the given brokers, from environment-style pairs, so
+/// the tests go through the same parsing as the binary. `overrides` win over the basics.
+pub fn bridge_config(
+    mqtt_port: u16,
+    kafka_port: u16,
+    kafka_topic: &str,
+    mqtt_topics: &str,
+    overrides: &[(&str, &str)],
+) -> Config {
+    let mut env: Vec<(String, String)> = [
+        ("MQTT_BROKER", "127.0.0.1".to_owned()),
+        ("MQTT_PORT", mqtt_port.to_string()),
+        ("MQTT_TOPIC", mqtt_topics.to_owned()),
+        ("MQTT_CLIENT_ID", format!("bridge-{}", unique())),
+        ("KAFKA_BROKER", "127.0.0.1".to_owned()),
+        ("KAFKA_PORT", kafka_port.to_string()),
+        ("KAFKA_TOPIC", kafka_topic.to_owned()),
+        ("KAFKA_TOPIC_REPLICATION", "1".to_owned()),
+        ("KAFKA_INTERVAL", "50ms".to_owned()),
+        ("KAFKA_RETRY_INTERVAL", "1s".to_owned()),
+        ("HEALTH_ADDR", "127.0.0.1".to_owned()),
+        ("HEALTH_PORT", "0".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    env.extend(
+        overrides
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    // An explicit, empty env file keeps a developer's ./.env out of the tests.
+    let empty = tempfile::NamedTempFile::new().expect("temp file for an empty .env");
+    config::load(env, Some(empty.path()), "test-host").expect("test configuration is valid")
+}
+
+/// A name no other test in this run uses (topics, client ids).
+pub fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A bridge running in this process, stopped by [`RunningBridge::stop`].
+pub struct RunningBridge {
+    pub health_addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), mqtt_kafka_bridge::Error>>,
+}
+
+impl RunningBridge {
+    /// Starts a bridge (probe and topic creation included) and returns once it reads MQTT.
+    pub async fn start(config: Config) -> Result<Self, mqtt_kafka_bridge::Error> {
+        let bridge = Bridge::start(config).await?;
+        let health_addr = bridge.health_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(bridge.run_until(async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            health_addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Signals shutdown and waits for the drain; returns how the bridge ended.
+    pub async fn stop(mut self) -> Result<(), mqtt_kafka_bridge::Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.expect("bridge task does not panic")
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        http_get(self.health_addr, "/metrics").await
+    }
+
+    /// One metric's value (summed over its labels), 0 when absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics().await, name)
+    }
+
+    /// Waits until the bridge holds every MQTT subscription, so messages published from now on
+    /// reach it.
+    pub async fn wait_subscribed(&self) {
+        eventually(
+            Duration::from_secs(30),
+            "the bridge's MQTT subscription",
+            || async { (self.metric("bridge_mqtt_subscribed").await == 1.0).then_some(()) },
+        )
+        .await;
+    }
+}
+
+impl Drop for RunningBridge {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The value of one unlabelled metric (or the sum over its labels), 0 when absent.
+pub fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A plain HTTP/1.1 GET; returns status line, headers and body as text.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("bridge HTTP server listens");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    response
+}

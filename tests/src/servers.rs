@@ -1,0 +1,172 @@
+//! Real servers for the tests: Mosquitto (Debian's package) and tansu (from crates.io), each a
+//! child process on a free loopback port, killed by PID when its handle drops.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MOSQUITTO_INSTALL: &str =
+    "install it with `apt-get install mosquitto mosquitto-clients` (or run `bash .ci/run`)";
+const TANSU_INSTALL: &str = "install it with `cargo install tansu --version 0.6.0 --features \
+     dynostore --locked` (or run `bash .ci/run`)";
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port on 127.0.0.1")
+        .port()
+}
+
+/// Finds an executable on PATH or in the usual places, or fails the test saying how to install it.
+fn find_executable(name: &str, extra_dirs: &[PathBuf], install: &str) -> PathBuf {
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    path_dirs
+        .iter()
+        .chain(extra_dirs)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not installed: {install}"))
+}
+
+/// Waits until something accepts TCP connections on `port`, or panics naming `what`.
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before listening on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on port {port} within 20 s");
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A Mosquitto broker with a generated configuration in its own temporary directory.
+pub struct Mosquitto {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto on a free port, anonymous access, no persistence.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for mosquitto");
+        Self::start_in(dir, free_port())
+    }
+
+    fn start_in(dir: tempfile::TempDir, port: u16) -> Self {
+        let child = Self::spawn(dir.path(), port);
+        Self { child, port, dir }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Child {
+        let binary = find_executable(
+            "mosquitto",
+            &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")],
+            MOSQUITTO_INSTALL,
+        );
+        let conf = dir.join("mosquitto.conf");
+        // Run as root: Mosquitto started as root otherwise switches to `mosquitto`, which
+        // cannot read files in a private temp dir.
+        let text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n\
+             log_dest file {log}\nmax_queued_messages 100000\n",
+            log = dir.join("mosquitto.log").display()
+        );
+        std::fs::write(&conf, text).expect("write mosquitto.conf");
+        let mut child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        wait_for_port(port, "mosquitto", &mut child);
+        child
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the broker and starts a fresh one on the same port (its sessions are gone).
+    pub fn restart(&mut self) {
+        kill(&mut self.child);
+        self.child = Self::spawn(self.dir.path(), self.port);
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A tansu Kafka-protocol broker with in-memory storage (it forgets everything when stopped).
+pub struct Tansu {
+    child: Child,
+    port: u16,
+}
+
+impl Tansu {
+    pub fn start() -> Self {
+        let cargo_bin = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+            .map(|home| home.join("bin"))
+            .into_iter()
+            .collect::<Vec<_>>();
+        let binary = find_executable("tansu", &cargo_bin, TANSU_INSTALL);
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut child = Command::new(binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tansu");
+        wait_for_port(port, "tansu", &mut child);
+        Self { child, port }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `bootstrap.servers` for this broker.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}

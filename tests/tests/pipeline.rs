@@ -1,0 +1,201 @@
+//! End-to-end: real Mosquitto → bridge → real tansu, read back with an rdkafka consumer.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mkb_tests::{
+    KafkaReader, Mosquitto, Publisher, RunningBridge, Tansu, bridge_config, init_logging, unique,
+};
+use rumqttc::QoS;
+
+const READ_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Payloads of the main test: numbered text, every byte value, empty, 256 KiB, and some binary
+/// with JSON's special characters.
+fn payload(n: usize) -> Vec<u8> {
+    match n {
+        0 => Vec::new(),
+        1 => (0..=255u8).collect(),
+        2 => (0..256 * 1024).map(|i| (i % 251) as u8).collect(),
+        n if n % 97 == 0 => {
+            let mut binary = vec![0u8, 0xff, 0x80, b'"', b'\\'];
+            binary.extend_from_slice(&n.to_le_bytes());
+            binary
+        }
+        n => format!("message {n}").into_bytes(),
+    }
+}
+
+/// Groups (MQTT topic, payload) pairs by topic, keeping their order.
+fn by_topic(pairs: impl IntoIterator<Item = (String, Vec<u8>)>) -> HashMap<String, Vec<Vec<u8>>> {
+    let mut map: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for (topic, payload) in pairs {
+        map.entry(topic).or_default().push(payload);
+    }
+    map
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_on_three_topics_arrive_exactly_as_published() {
+    init_logging();
+    let kafka = Tansu::start();
+    let mqtt = Mosquitto::start();
+    let topic = format!("mqtt-{}", unique());
+    let config = bridge_config(
+        mqtt.port(),
+        kafka.port(),
+        &topic,
+        "cars/+/telemetry, alerts/#",
+        &[("KAFKA_BATCH_SIZE", "100")],
+    );
+    let bridge = RunningBridge::start(config).await.expect("bridge starts");
+    bridge.wait_subscribed().await;
+    let publisher = Publisher::connect(mqtt.port()).await;
+
+    let mqtt_topics = [
+        "cars/a/telemetry",
+        "cars/b/telemetry",
+        "alerts/engine/overheat",
+    ];
+    let mut published: Vec<(String, Vec<u8>)> = Vec::new();
+    for n in 0..1000 {
+        let mqtt_topic = mqtt_topics[n % 3];
+        publisher
+            .publish(mqtt_topic, payload(n), QoS::AtLeastOnce)
+            .await;
+        published.push((mqtt_topic.to_owned(), payload(n)));
+    }
+    // Matches neither filter: must not arrive.
+    publisher
+        .publish("other/topic", "stray", QoS::AtLeastOnce)
+        .await;
+    publisher.wait_acked(1001).await;
+
+    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
+    let received = reader
+        .read_exactly(published.len(), READ_DEADLINE)
+        .await
+        .to_vec();
+    let got = by_topic(
+        received
+            .iter()
+            .map(|r| (r.mqtt_topic.clone(), r.payload.clone())),
+    );
+    let expected = by_topic(published.clone());
+    assert_eq!(got.len(), 3, "MQTT topics received: {:?}", got.keys());
+    for (mqtt_topic, payloads) in &expected {
+        // Equal sequences: nothing lost, nothing changed, order kept per MQTT topic.
+        assert!(
+            got[mqtt_topic] == *payloads,
+            "{mqtt_topic}: {} received and {} published, or not in publish order",
+            got[mqtt_topic].len(),
+            payloads.len()
+        );
+    }
+    for record in &received {
+        assert_eq!(record.key.as_deref(), Some(record.mqtt_topic.as_bytes()));
+    }
+    assert!(
+        received.iter().any(|r| r.payload.is_empty()),
+        "empty payload arrived"
+    );
+    assert!(
+        received.iter().any(|r| r.payload == payload(2)),
+        "256 KiB payload arrived"
+    );
+
+    // Nothing more: the stray message was not bridged and nothing was duplicated.
+    let after = reader
+        .read_at_least(published.len() + 1, Duration::from_secs(2))
+        .await;
+    assert_eq!(after.len(), published.len());
+
+    assert_eq!(
+        bridge.metric("bridge_kafka_records_sent_total").await,
+        1000.0
+    );
+    assert_eq!(
+        bridge.metric("bridge_mqtt_messages_received_total").await,
+        1000.0
+    );
+    bridge.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_batches_go_at_once_and_the_rest_on_shutdown() {
+    init_logging();
+    let kafka = Tansu::start();
+    let mqtt = Mosquitto::start();
+    let topic = format!("mqtt-{}", unique());
+    let config = bridge_config(
+        mqtt.port(),
+        kafka.port(),
+        &topic,
+        "size/#",
+        &[("KAFKA_BATCH_SIZE", "10"), ("KAFKA_INTERVAL", "1h")],
+    );
+    let bridge = RunningBridge::start(config).await.expect("bridge starts");
+    bridge.wait_subscribed().await;
+    let publisher = Publisher::connect(mqtt.port()).await;
+    for n in 0..25 {
+        publisher
+            .publish("size/n", n.to_string(), QoS::AtLeastOnce)
+            .await;
+    }
+    publisher.wait_acked(25).await;
+
+    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
+    assert_eq!(reader.read_exactly(20, READ_DEADLINE).await.len(), 20);
+    // The other 5 are an open batch with an hour to go: they stay until shutdown.
+    let early = reader.read_at_least(21, Duration::from_secs(2)).await.len();
+    assert_eq!(early, 20, "a partial batch left before its interval");
+    assert_eq!(bridge.metric("bridge_kafka_batches_sent_total").await, 2.0);
+
+    bridge.stop().await.expect("clean stop");
+    let all: Vec<Vec<u8>> = reader
+        .read_exactly(25, READ_DEADLINE)
+        .await
+        .iter()
+        .map(|r| r.payload.clone())
+        .collect();
+    let expected: Vec<Vec<u8>> = (0..25).map(|n: i32| n.to_string().into_bytes()).collect();
+    assert_eq!(
+        all, expected,
+        "the open batch was flushed on shutdown, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_batch_goes_when_the_interval_ends() {
+    init_logging();
+    let kafka = Tansu::start();
+    let mqtt = Mosquitto::start();
+    let topic = format!("mqtt-{}", unique());
+    let config = bridge_config(
+        mqtt.port(),
+        kafka.port(),
+        &topic,
+        "interval/#",
+        &[("KAFKA_BATCH_SIZE", "1000"), ("KAFKA_INTERVAL", "300ms")],
+    );
+    let bridge = RunningBridge::start(config).await.expect("bridge starts");
+    bridge.wait_subscribed().await;
+    let publisher = Publisher::connect(mqtt.port()).await;
+    for n in 0..5 {
+        publisher
+            .publish("interval/n", n.to_string(), QoS::AtLeastOnce)
+            .await;
+    }
+    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
+    let payloads: Vec<Vec<u8>> = reader
+        .read_exactly(5, READ_DEADLINE)
+        .await
+        .iter()
+        .map(|r| r.payload.clone())
+        .collect();
+    assert_eq!(payloads, [b"0", b"1", b"2", b"3", b"4"]);
+    // Far below the batch size, so only the interval can have sent them.
+    let batches = bridge.metric("bridge_kafka_batches_sent_total").await;
+    assert!((1.0..=5.0).contains(&batches), "{batches} batches");
+    bridge.stop().await.expect("clean stop");
+}
