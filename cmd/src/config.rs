@@ -8,13 +8,14 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mkb_bridge::{BatcherConfig, QoS};
 use mkb_kafka::KafkaConfig;
 use mkb_log::{LogConfig, LogFormat};
-use mkb_mqtt::MqttConfig;
+use mkb_mqtt::{Credentials, MqttConfig, MqttVersion, TlsConfig, TlsError, TlsFile};
 use serde::Deserialize;
 
 /// One configuration variable, as `--help` and `.env.example` show it.
@@ -50,7 +51,42 @@ pub const VARIABLES: &[Variable] = &[
         Some("localhost"),
         "MQTT broker host name or address",
     ),
-    var("MQTT_PORT", Some("1883"), "MQTT broker port"),
+    var(
+        "MQTT_PORT",
+        None,
+        "MQTT broker port; unset: 1883, or 8883 with TLS",
+    ),
+    var(
+        "MQTT_VERSION",
+        Some("3.1.1"),
+        "MQTT protocol version: 3.1.1 or 5",
+    ),
+    var(
+        "MQTT_TLS",
+        None,
+        "true for TLS to the broker; unset: on when ROOT_CA or MQTT_CLIENT_CERT is set",
+    ),
+    var(
+        "ROOT_CA",
+        None,
+        "PEM file of the CA(s) that sign the broker's certificate; unset: the system's roots",
+    ),
+    var(
+        "MQTT_CLIENT_CERT",
+        None,
+        "PEM client certificate for mutual TLS (with MQTT_CLIENT_KEY)",
+    ),
+    var(
+        "MQTT_CLIENT_KEY",
+        None,
+        "PEM private key of MQTT_CLIENT_CERT",
+    ),
+    var("MQTT_USERNAME", None, "user name for the MQTT broker"),
+    var(
+        "MQTT_PASSWORD",
+        None,
+        "password for the MQTT broker (never logged)",
+    ),
     var(
         "MQTT_TOPIC",
         None,
@@ -75,6 +111,11 @@ pub const VARIABLES: &[Variable] = &[
         "largest MQTT packet accepted, in bytes",
     ),
     var(
+        "MQTT_RECEIVE_MAXIMUM",
+        Some("1000"),
+        "MQTT 5: unacknowledged QoS 1/2 messages the broker may send at once",
+    ),
+    var(
         "KAFKA_BROKER",
         Some("localhost"),
         "Kafka broker host (see KAFKA_BROKERS)",
@@ -93,6 +134,12 @@ pub const VARIABLES: &[Variable] = &[
         "KAFKA_TOPIC",
         None,
         "required: Kafka topic every message is written to",
+    ),
+    var(
+        "KAFKA_PROPERTY_*",
+        None,
+        "any librdkafka property, passed through: KAFKA_PROPERTY_SASL_MECHANISM=PLAIN sets \
+         sasl.mechanism (lower case, _ becomes ., __ becomes _)",
     ),
     var(
         "KAFKA_AUTO_CREATE_TOPICS",
@@ -168,7 +215,15 @@ pub struct Config {
     pub max_batch_size: usize,
     pub health_addr: SocketAddr,
     pub shutdown_timeout: Duration,
+    /// Every variable's effective value, secrets shown as `***`, for `--check-config`.
+    pub effective: Vec<(String, String)>,
 }
+
+/// Prefix of the variables passed through to librdkafka.
+pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
+
+/// Variables whose values are never printed.
+const SECRET_VARIABLES: &[&str] = &["MQTT_PASSWORD"];
 
 /// A configuration value that cannot be used. Printed as one line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -184,6 +239,18 @@ pub enum ConfigError {
         var: &'static str,
         expected: &'static str,
     },
+    #[error(
+        "invalid {var}={value:?}: expected a valid value of librdkafka property {key} ({reason})"
+    )]
+    Property {
+        var: String,
+        /// `***` when the property holds a secret.
+        value: String,
+        key: String,
+        reason: String,
+    },
+    #[error("invalid Kafka properties: {0}")]
+    Properties(String),
     #[error("cannot read env file {path}: {reason}")]
     EnvFile { path: String, reason: String },
 }
@@ -205,12 +272,20 @@ struct Raw {
     log_format: Option<String>,
     mqtt_broker: Option<String>,
     mqtt_port: Option<String>,
+    mqtt_version: Option<String>,
+    mqtt_tls: Option<String>,
+    root_ca: Option<String>,
+    mqtt_client_cert: Option<String>,
+    mqtt_client_key: Option<String>,
+    mqtt_username: Option<String>,
+    mqtt_password: Option<String>,
     mqtt_topic: Option<String>,
     mqtt_qos: Option<String>,
     mqtt_client_id: Option<String>,
     mqtt_clean_session: Option<String>,
     mqtt_keep_alive: Option<String>,
     mqtt_max_packet_size: Option<String>,
+    mqtt_receive_maximum: Option<String>,
     kafka_broker: Option<String>,
     kafka_port: Option<String>,
     kafka_brokers: Option<String>,
@@ -259,16 +334,94 @@ pub fn load(
     merged.extend(environment);
     // Empty values count as unset, as in a `.env` line `KAFKA_TEST_TOPIC=`.
     merged.retain(|_, value| !value.trim().is_empty());
+    let properties = kafka_properties(&merged)?;
+    let effective = effective_values(&merged);
     let raw: Raw = envy::from_iter(merged).map_err(|e| ConfigError::EnvFile {
         path: "environment".to_owned(),
         reason: e.to_string(),
     })?;
-    Parser { raw, host_name }.parse()
+    let mut config = Parser {
+        raw,
+        host_name,
+        properties,
+    }
+    .parse()?;
+    config.effective = effective;
+    Ok(config)
+}
+
+/// `KAFKA_PROPERTY_SASL_MECHANISM=PLAIN` → (`sasl.mechanism`, `PLAIN`); `__` stands for `_`.
+fn kafka_properties(
+    merged: &HashMap<String, String>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut properties: Vec<(String, String)> = merged
+        .iter()
+        .filter_map(|(name, value)| {
+            let suffix = name.strip_prefix(KAFKA_PROPERTY_PREFIX)?;
+            let key = suffix
+                .to_ascii_lowercase()
+                .split("__")
+                .map(|part| part.replace('_', "."))
+                .collect::<Vec<_>>()
+                .join("_");
+            Some((key, value.clone()))
+        })
+        .collect();
+    properties.sort();
+    if let Some((key, _)) = properties.iter().find(|(key, _)| key.is_empty()) {
+        return Err(ConfigError::invalid(
+            "KAFKA_PROPERTY_*",
+            key,
+            "a librdkafka property name after the prefix",
+        ));
+    }
+    Ok(properties)
+}
+
+/// The variable that sets librdkafka property `key`.
+fn property_variable(key: &str) -> String {
+    let name = key
+        .replace('_', "__")
+        .replace('.', "_")
+        .to_ascii_uppercase();
+    format!("{KAFKA_PROPERTY_PREFIX}{name}")
+}
+
+fn effective_values(merged: &HashMap<String, String>) -> Vec<(String, String)> {
+    let mut values: Vec<(String, String)> = VARIABLES
+        .iter()
+        .filter(|v| !v.name.ends_with('*'))
+        .map(|v| {
+            let value = match merged.get(v.name) {
+                Some(_) if SECRET_VARIABLES.contains(&v.name) => "***".to_owned(),
+                Some(value) => value.trim().to_owned(),
+                None => v.default.unwrap_or("").to_owned(),
+            };
+            (v.name.to_owned(), value)
+        })
+        .collect();
+    let mut properties: Vec<(String, String)> = merged
+        .iter()
+        .filter(|(name, _)| name.starts_with(KAFKA_PROPERTY_PREFIX))
+        .map(|(name, value)| {
+            let key = name[KAFKA_PROPERTY_PREFIX.len()..].to_ascii_lowercase();
+            let shown = if mkb_kafka::is_secret_property(&key.replace('_', ".")) {
+                "***".to_owned()
+            } else {
+                value.clone()
+            };
+            (name.clone(), shown)
+        })
+        .collect();
+    properties.sort();
+    values.extend(properties);
+    values
 }
 
 struct Parser<'a> {
     raw: Raw,
     host_name: &'a str,
+    properties: Vec<(String, String)>,
 }
 
 impl Parser<'_> {
@@ -290,9 +443,30 @@ impl Parser<'_> {
         };
 
         let client_id = get(&r.mqtt_client_id, "MQTT_CLIENT_ID").replace("%h", self.host_name);
+        let tls = self.tls()?;
         let mqtt = MqttConfig {
             host: host(get(&r.mqtt_broker, "MQTT_BROKER"), "MQTT_BROKER")?,
-            port: port(get(&r.mqtt_port, "MQTT_PORT"), "MQTT_PORT")?,
+            port: match &r.mqtt_port {
+                Some(value) => port(value.trim(), "MQTT_PORT")?,
+                None if tls.is_some() => 8883,
+                None => 1883,
+            },
+            version: {
+                let value = get(&r.mqtt_version, "MQTT_VERSION");
+                match value {
+                    "3.1.1" | "311" | "3" | "4" => MqttVersion::V311,
+                    "5" | "5.0" => MqttVersion::V5,
+                    _ => return Err(ConfigError::invalid("MQTT_VERSION", value, "3.1.1 or 5")),
+                }
+            },
+            credentials: self.credentials()?,
+            tls,
+            receive_maximum: number(
+                get(&r.mqtt_receive_maximum, "MQTT_RECEIVE_MAXIMUM"),
+                "MQTT_RECEIVE_MAXIMUM",
+                1,
+                65535,
+            )?,
             filters: topic_filters(required(&r.mqtt_topic, "MQTT_TOPIC")?)?,
             qos: {
                 let value = get(&r.mqtt_qos, "MQTT_QOS");
@@ -387,8 +561,25 @@ impl Parser<'_> {
                 get(&r.kafka_delivery_timeout, "KAFKA_DELIVERY_TIMEOUT"),
                 "KAFKA_DELIVERY_TIMEOUT",
             )?,
-            properties: Vec::new(),
+            properties: self.properties.clone(),
         };
+        if let Err(invalid) = kafka.validate() {
+            let Some((key, value)) = kafka.properties.iter().find(|(key, _)| *key == invalid.key)
+            else {
+                return Err(ConfigError::Properties(invalid.reason));
+            };
+            let shown = if mkb_kafka::is_secret_property(key) {
+                "***"
+            } else {
+                value
+            };
+            return Err(ConfigError::Property {
+                var: property_variable(key),
+                value: shown.to_owned(),
+                key: key.clone(),
+                reason: invalid.reason,
+            });
+        }
 
         let batch_size = number(
             get(&r.kafka_batch_size, "KAFKA_BATCH_SIZE"),
@@ -437,7 +628,71 @@ impl Parser<'_> {
                 get(&r.shutdown_timeout, "SHUTDOWN_TIMEOUT"),
                 "SHUTDOWN_TIMEOUT",
             )?,
+            effective: Vec::new(),
         })
+    }
+
+    /// TLS is on with `MQTT_TLS=true`, or when a CA or client certificate is given and
+    /// `MQTT_TLS` is unset. The files are read now, so a bad one stops the start.
+    fn tls(&self) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+        let r = &self.raw;
+        let path = |value: &Option<String>| value.as_deref().map(|p| PathBuf::from(p.trim()));
+        let settings = TlsConfig {
+            ca_file: path(&r.root_ca),
+            client_cert_file: path(&r.mqtt_client_cert),
+            client_key_file: path(&r.mqtt_client_key),
+        };
+        let enabled = match &r.mqtt_tls {
+            Some(value) => boolean(value.trim(), "MQTT_TLS")?,
+            None => settings.ca_file.is_some() || settings.client_cert_file.is_some(),
+        };
+        if !enabled {
+            if let Some(var) = [
+                ("ROOT_CA", &r.root_ca),
+                ("MQTT_CLIENT_CERT", &r.mqtt_client_cert),
+            ]
+            .iter()
+            .find_map(|(var, value)| value.as_ref().map(|_| *var))
+            {
+                return Err(ConfigError::invalid(
+                    "MQTT_TLS",
+                    r.mqtt_tls.as_deref().unwrap_or_default(),
+                    format!("true (or unset) when {var} is set"),
+                ));
+            }
+            return Ok(None);
+        }
+        settings.client_config().map(Some).map_err(|e| match e {
+            TlsError::File { file, path, reason } => ConfigError::Invalid {
+                var: match file {
+                    TlsFile::Ca => "ROOT_CA",
+                    TlsFile::ClientCert => "MQTT_CLIENT_CERT",
+                    TlsFile::ClientKey => "MQTT_CLIENT_KEY",
+                },
+                value: path.display().to_string(),
+                expected: format!("a readable PEM file ({reason})"),
+            },
+            TlsError::NoRoots(reason) => ConfigError::Invalid {
+                var: "ROOT_CA",
+                value: String::new(),
+                expected: format!("a CA file, as the system has no usable roots ({reason})"),
+            },
+        })
+    }
+
+    fn credentials(&self) -> Result<Option<Credentials>, ConfigError> {
+        let r = &self.raw;
+        match (&r.mqtt_username, &r.mqtt_password) {
+            (Some(username), password) => Ok(Some(Credentials {
+                username: username.trim().to_owned(),
+                password: password.clone().unwrap_or_default(),
+            })),
+            (None, Some(_)) => Err(ConfigError::Missing {
+                var: "MQTT_USERNAME",
+                expected: "a user name, since MQTT_PASSWORD is set",
+            }),
+            (None, None) => Ok(None),
+        }
     }
 }
 
@@ -842,8 +1097,9 @@ mod tests {
     fn env_example_lists_every_variable_with_its_default() {
         let example = include_str!("../../.env.example");
         for variable in VARIABLES {
-            let set = format!("\n{}=", variable.name);
-            let commented = format!("\n# {}=", variable.name);
+            let name = variable.name.trim_end_matches('*');
+            let set = format!("\n{name}=");
+            let commented = format!("\n# {name}");
             match variable.default {
                 Some(default) => assert!(
                     example.contains(&format!("\n{}={default}\n", variable.name)),

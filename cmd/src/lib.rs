@@ -17,11 +17,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use mkb_bridge::Batcher;
-use mkb_kafka::{KafkaMetrics, KafkaSink};
-use mkb_mqtt::{MqttMetrics, MqttSource};
+use mkb_kafka::{KafkaMetrics, KafkaSink, KafkaStatus};
+use mkb_mqtt::{MqttMetrics, MqttSource, MqttStatus};
 use mkb_observability::{HealthServer, Readiness, ReadinessHandle};
 use prometheus::Registry;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
@@ -89,14 +89,18 @@ impl Bridge {
 
         let (message_tx, message_rx) = mpsc::channel(MESSAGE_QUEUE);
         let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
-        let kafka = tokio::spawn(sink.run(batch_rx));
         let batcher = tokio::spawn(Batcher::new(config.batcher.clone()).run(message_rx, batch_tx));
         let (stop_mqtt, mqtt_stopped) = oneshot::channel::<()>();
         let source = MqttSource::new(config.mqtt.clone(), mqtt_metrics);
+        tokio::spawn(track_readiness(
+            source.status(),
+            sink.status(),
+            readiness.clone(),
+        ));
+        let kafka = tokio::spawn(sink.run(batch_rx));
         let mqtt = tokio::spawn(source.run(message_tx, async {
             let _ = mqtt_stopped.await;
         }));
-        readiness.set(Readiness::Ready);
         info!(
             mqtt = %format_args!("{}:{}", config.mqtt.host, config.mqtt.port),
             filters = ?config.mqtt.filters,
@@ -176,6 +180,38 @@ impl Bridge {
         self.batcher.abort();
         self.kafka.abort();
         self.http.abort();
+    }
+}
+
+/// `/readyz`: ready while every MQTT filter is subscribed and Kafka either accepts writes or
+/// the bridge can still hold what it cannot deliver.
+fn readiness(mqtt: &MqttStatus, kafka: &KafkaStatus) -> Readiness {
+    if !mqtt.subscribed {
+        let why = mqtt.last_error.as_deref().unwrap_or("connecting");
+        return Readiness::NotReady(format!("MQTT not subscribed: {why}"));
+    }
+    if kafka.failing && kafka.full {
+        let why = kafka.last_error.as_deref().unwrap_or("unknown error");
+        return Readiness::NotReady(format!("Kafka failing and nothing more can be held: {why}"));
+    }
+    Readiness::Ready
+}
+
+/// Keeps `/readyz` in step with both sides until either stops reporting.
+async fn track_readiness(
+    mut mqtt: watch::Receiver<MqttStatus>,
+    mut kafka: watch::Receiver<KafkaStatus>,
+    handle: ReadinessHandle,
+) {
+    loop {
+        handle.set(readiness(
+            &mqtt.borrow_and_update(),
+            &kafka.borrow_and_update(),
+        ));
+        tokio::select! {
+            changed = mqtt.changed() => if changed.is_err() { return },
+            changed = kafka.changed() => if changed.is_err() { return },
+        }
     }
 }
 

@@ -12,6 +12,7 @@ const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
     let mut env_file: Option<PathBuf> = None;
+    let mut check_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
                 println!("mqtt-kafka-bridge {}", env!("CARGO_PKG_VERSION"));
                 return ExitCode::SUCCESS;
             }
+            "--check-config" => check_only = true,
             "--env-file" => match args.next() {
                 Some(path) => env_file = Some(PathBuf::from(path)),
                 None => return usage_error("--env-file needs a path"),
@@ -44,6 +46,15 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return usage_error(&e.to_string()),
     };
+    if check_only {
+        println!("# Configuration is valid. Effective values (secrets shown as ***):");
+        for (name, value) in &config.effective {
+            println!("{name}={value}");
+        }
+        println!("# MQTT client id: {}", config.mqtt.client_id);
+        println!("# Kafka brokers: {}", config.kafka.brokers);
+        return ExitCode::SUCCESS;
+    }
     if let Err(e) = mkb_log::init(config.log) {
         eprintln!("mqtt-kafka-bridge: {e}");
         return ExitCode::from(EXIT_FAILURE);
@@ -91,13 +102,15 @@ async fn shutdown_signal() {
 fn help() -> String {
     let mut text = String::from(
         "mqtt-kafka-bridge: subscribes to MQTT topic filters and writes every message to Kafka.\n\n\
-         Usage: mqtt-kafka-bridge [--env-file PATH] [--help] [--version]\n\n\
+         Usage: mqtt-kafka-bridge [--env-file PATH] [--check-config] [--help] [--version]\n\n\
+         --check-config validates the configuration, prints the effective values (secrets as\n\
+         ***) and exits: 0 when valid, 64 when not.\n\n\
          Configuration comes from environment variables, then a .env file in the working\n\
          directory (or --env-file PATH); the real environment wins.\n\n\
          Variables (default in brackets):\n",
     );
     for variable in VARIABLES {
-        let default = variable.default.unwrap_or("unset");
+        let default = variable.default.unwrap_or("no default");
         text.push_str(&format!(
             "  {:<26} {} [{}]\n",
             variable.name, variable.meaning, default

@@ -19,42 +19,168 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// The two required variables, plus `extra`.
+fn with_required<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![("MQTT_TOPIC", "a/#"), ("KAFKA_TOPIC", "t")];
+    env.extend_from_slice(extra);
+    env
+}
+
 #[test]
-fn bad_configuration_exits_64_with_one_line_naming_the_variable() {
-    let cases: &[(&[(&str, &str)], &str)] = &[
+fn every_bad_value_exits_64_with_one_line_naming_the_variable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").expect("write");
+    let missing = dir.path().join("missing.pem");
+    let a_directory = dir.path().display().to_string();
+    let (garbage, missing) = (garbage.display().to_string(), missing.display().to_string());
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (with_required(&[("LOG_LEVEL", "chatty")]), "LOG_LEVEL"),
+        (with_required(&[("LOG_FORMAT", "xml")]), "LOG_FORMAT"),
+        (with_required(&[("MQTT_PORT", "eighteen")]), "MQTT_PORT"),
+        (with_required(&[("MQTT_PORT", "0")]), "MQTT_PORT"),
+        (with_required(&[("KAFKA_PORT", "65536")]), "KAFKA_PORT"),
+        (with_required(&[("HEALTH_PORT", "-1")]), "HEALTH_PORT"),
+        (with_required(&[("ROOT_CA", &missing)]), "ROOT_CA"),
+        (with_required(&[("ROOT_CA", &garbage)]), "ROOT_CA"),
+        (with_required(&[("ROOT_CA", &a_directory)]), "ROOT_CA"),
         (
-            &[
-                ("MQTT_TOPIC", "a/#"),
-                ("KAFKA_TOPIC", "t"),
-                ("MQTT_PORT", "eighteen"),
-            ],
-            "MQTT_PORT",
+            with_required(&[
+                ("MQTT_TLS", "true"),
+                ("MQTT_CLIENT_CERT", &missing),
+                ("MQTT_CLIENT_KEY", &garbage),
+            ]),
+            "MQTT_CLIENT_CERT",
         ),
         (
-            &[
-                ("MQTT_TOPIC", "a/#"),
-                ("KAFKA_TOPIC", "t"),
-                ("LOG_LEVEL", "chatty"),
-            ],
-            "LOG_LEVEL",
+            with_required(&[("MQTT_TLS", "false"), ("ROOT_CA", &garbage)]),
+            "MQTT_TLS",
         ),
-        (&[("KAFKA_TOPIC", "t")], "MQTT_TOPIC"),
+        (vec![("KAFKA_TOPIC", "t")], "MQTT_TOPIC"),
+        (vec![("MQTT_TOPIC", "a/#")], "KAFKA_TOPIC"),
+        (with_required(&[("MQTT_TOPIC", ",")]), "MQTT_TOPIC"),
+        (with_required(&[("MQTT_TOPIC", "a/#/b")]), "MQTT_TOPIC"),
+        (with_required(&[("MQTT_QOS", "3")]), "MQTT_QOS"),
+        (with_required(&[("MQTT_VERSION", "4.0")]), "MQTT_VERSION"),
         (
-            &[
-                ("MQTT_TOPIC", "a/#"),
-                ("KAFKA_TOPIC", "t"),
-                ("KAFKA_INTERVAL", "5 parsecs"),
-            ],
+            with_required(&[("KAFKA_BATCH_SIZE", "0")]),
+            "KAFKA_BATCH_SIZE",
+        ),
+        (
+            with_required(&[("KAFKA_INTERVAL", "5 parsecs")]),
             "KAFKA_INTERVAL",
         ),
+        (
+            with_required(&[("KAFKA_RETRY_INTERVAL", "0")]),
+            "KAFKA_RETRY_INTERVAL",
+        ),
+        (
+            with_required(&[("MQTT_PASSWORD", "hunter2")]),
+            "MQTT_USERNAME",
+        ),
+        (
+            with_required(&[("KAFKA_PROPERTY_NO_SUCH_THING", "1")]),
+            "KAFKA_PROPERTY_NO_SUCH_THING",
+        ),
+        (
+            with_required(&[("KAFKA_PROPERTY_LINGER_MS", "soon")]),
+            "KAFKA_PROPERTY_LINGER_MS",
+        ),
     ];
-    for (env, variable) in cases {
+    for (env, variable) in &cases {
         let output = bridge(env, &[]);
         let message = stderr(&output);
         assert_eq!(output.status.code(), Some(64), "{env:?}: {message}");
         assert_eq!(message.lines().count(), 1, "{env:?}: {message}");
         assert!(message.contains(variable), "{env:?}: {message}");
+        assert!(!message.contains("hunter2"), "a password leaked: {message}");
     }
+}
+
+#[test]
+fn check_config_prints_the_effective_values_with_secrets_hidden() {
+    let output = bridge(
+        &with_required(&[
+            ("MQTT_USERNAME", "bridge"),
+            ("MQTT_PASSWORD", "hunter2"),
+            ("KAFKA_PROPERTY_SASL_PASSWORD", "kafka-secret"),
+            ("KAFKA_PROPERTY_SASL_USERNAME", "edge"),
+            ("MQTT_CLIENT_ID", "bridge-%h"),
+        ]),
+        &["--check-config"],
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(text.contains("\nMQTT_PASSWORD=***\n"), "{text}");
+    assert!(
+        text.contains("\nKAFKA_PROPERTY_SASL_PASSWORD=***\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nKAFKA_PROPERTY_SASL_USERNAME=edge\n"),
+        "{text}"
+    );
+    assert!(text.contains("\nMQTT_USERNAME=bridge\n"), "{text}");
+    assert!(
+        text.contains("\nKAFKA_BATCH_SIZE=1000\n"),
+        "defaults are shown: {text}"
+    );
+    assert!(
+        !text.contains("hunter2") && !text.contains("kafka-secret"),
+        "{text}"
+    );
+    let invalid = bridge(&with_required(&[("MQTT_QOS", "7")]), &["--check-config"]);
+    assert_eq!(invalid.status.code(), Some(64));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_on_stdout_and_stderr() {
+    let closed_port = closed_port();
+    let output = bridge(
+        &with_required(&[
+            ("LOG_FORMAT", "json"),
+            ("KAFKA_BROKER", "127.0.0.1"),
+            ("KAFKA_PORT", &closed_port),
+            ("KAFKA_TEST_TOPIC", "probe"),
+            ("KAFKA_STARTUP_TIMEOUT", "1s"),
+            ("HEALTH_PORT", "0"),
+            ("HEALTH_ADDR", "127.0.0.1"),
+        ]),
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let levels = |stream: &[u8]| -> Vec<String> {
+        String::from_utf8_lossy(stream)
+            .lines()
+            .map(|line| {
+                let object: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                object["level"].as_str().expect("a level field").to_owned()
+            })
+            .collect()
+    };
+    let stdout = levels(&output.stdout);
+    let stderr = levels(&output.stderr);
+    assert!(stdout.iter().any(|l| l == "INFO"), "{stdout:?}");
+    assert!(
+        stdout
+            .iter()
+            .all(|l| l == "INFO" || l == "DEBUG" || l == "TRACE"),
+        "{stdout:?}"
+    );
+    assert!(stderr.iter().any(|l| l == "ERROR"), "{stderr:?}");
+    assert!(
+        stderr.iter().all(|l| l == "WARN" || l == "ERROR"),
+        "{stderr:?}"
+    );
+}
+
+fn closed_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("ephemeral port")
+        .port()
+        .to_string()
 }
 
 #[test]
@@ -86,11 +212,7 @@ fn help_lists_every_variable_and_version_prints_the_version() {
 
 #[test]
 fn failed_start_up_probe_exits_non_zero_within_seconds() {
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("ephemeral port")
-        .port()
-        .to_string();
+    let closed_port = closed_port();
     let started = Instant::now();
     let output = bridge(
         &[

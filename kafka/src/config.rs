@@ -28,7 +28,59 @@ pub struct KafkaConfig {
     pub properties: Vec<(String, String)>,
 }
 
+/// A librdkafka property the configuration cannot use.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InvalidProperty {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Whether a librdkafka property holds a secret that must not be printed or logged.
+pub fn is_secret_property(key: &str) -> bool {
+    const SECRET_PARTS: [&str; 5] = [
+        "password",
+        "secret",
+        "ssl.key.pem",
+        "oauthbearer.config",
+        "token",
+    ];
+    let key = key.to_ascii_lowercase();
+    SECRET_PARTS.iter().any(|part| key.contains(part))
+}
+
 impl KafkaConfig {
+    /// Checks every passed-through property with librdkafka itself (name and value), without
+    /// connecting. Each is tried on its own first, so the error names the property as the user
+    /// wrote it (librdkafka reports aliases such as `linger.ms` by their canonical name).
+    pub fn validate(&self) -> Result<(), InvalidProperty> {
+        let reason = |error: rdkafka::error::KafkaError| match error {
+            rdkafka::error::KafkaError::ClientConfig(_, reason, _, _) => reason,
+            other => other.to_string(),
+        };
+        let defaults = Self {
+            properties: Vec::new(),
+            ..self.clone()
+        }
+        .client_config();
+        for (key, value) in &self.properties {
+            let mut one = defaults.clone();
+            one.set(key, value);
+            if let Err(e) = one.create_native_config() {
+                return Err(InvalidProperty {
+                    key: key.clone(),
+                    reason: reason(e),
+                });
+            }
+        }
+        self.client_config()
+            .create_native_config()
+            .map(drop)
+            .map_err(|e| InvalidProperty {
+                key: String::new(),
+                reason: reason(e),
+            })
+    }
+
     /// The librdkafka configuration: the bridge's defaults, then the user's properties.
     pub(crate) fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
@@ -50,5 +102,60 @@ impl KafkaConfig {
             config.set(key, value);
         }
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(properties: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "localhost:9092".to_owned(),
+            topic: "t".to_owned(),
+            auto_create_topics: true,
+            topic_partitions: 1,
+            topic_replication: -1,
+            test_topic: None,
+            startup_timeout: Duration::from_secs(1),
+            retry_interval: Duration::from_secs(1),
+            delivery_timeout: Duration::from_secs(1),
+            properties: properties
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn librdkafka_checks_passed_through_properties() {
+        assert_eq!(
+            config(&[("compression.type", "lz4"), ("client.id", "edge-7")]).validate(),
+            Ok(())
+        );
+        let unknown = config(&[("no.such.property", "1")])
+            .validate()
+            .expect_err("unknown");
+        assert_eq!(unknown.key, "no.such.property");
+        let bad_value = config(&[("linger.ms", "soon")])
+            .validate()
+            .expect_err("bad value");
+        assert_eq!(bad_value.key, "linger.ms");
+    }
+
+    #[test]
+    fn user_properties_override_the_defaults() {
+        let config = config(&[("linger.ms", "50")]).client_config();
+        assert_eq!(config.get("linger.ms"), Some("50"));
+        assert_eq!(config.get("acks"), Some("all"));
+    }
+
+    #[test]
+    fn secret_properties_are_recognised() {
+        assert!(is_secret_property("sasl.password"));
+        assert!(is_secret_property("ssl.key.password"));
+        assert!(is_secret_property("ssl.key.pem"));
+        assert!(!is_secret_property("sasl.username"));
+        assert!(!is_secret_property("ssl.ca.location"));
     }
 }

@@ -16,7 +16,7 @@ mod error;
 mod metrics;
 mod sink;
 
-pub use config::KafkaConfig;
+pub use config::{InvalidProperty, KafkaConfig, is_secret_property};
 pub use error::KafkaError;
 pub use metrics::KafkaMetrics;
-pub use sink::KafkaSink;
+pub use sink::{KafkaSink, KafkaStatus};

@@ -1,7 +1,7 @@
 //! Metrics of the Kafka task. Metric names live here and nowhere else.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     exponential_buckets,
 };
 
@@ -18,6 +18,9 @@ pub struct KafkaMetrics {
     pub latency: Histogram,
     /// Records per batch written.
     pub batch_records: Histogram,
+    /// Records and bytes held in memory, waiting for Kafka.
+    pub memory_records: IntGauge,
+    pub memory_bytes: IntGauge,
 }
 
 impl KafkaMetrics {
@@ -59,6 +62,22 @@ impl KafkaMetrics {
             )
             .buckets(exponential_buckets(1.0, 4.0, 8)?),
         )?;
+        let spool_records = IntGaugeVec::new(
+            Opts::new(
+                "bridge_spool_records",
+                "Records held while Kafka is failing, by tier.",
+            ),
+            &["tier"],
+        )?;
+        let spool_bytes = IntGaugeVec::new(
+            Opts::new(
+                "bridge_spool_bytes",
+                "Bytes of records held while Kafka is failing, by tier.",
+            ),
+            &["tier"],
+        )?;
+        registry.register(Box::new(spool_records.clone()))?;
+        registry.register(Box::new(spool_bytes.clone()))?;
         registry.register(Box::new(records_sent.clone()))?;
         registry.register(Box::new(batches_sent.clone()))?;
         registry.register(Box::new(state.clone()))?;
@@ -74,6 +93,8 @@ impl KafkaMetrics {
             dropped,
             latency,
             batch_records,
+            memory_records: spool_records.with_label_values(&["memory"]),
+            memory_bytes: spool_bytes.with_label_values(&["memory"]),
         })
     }
 

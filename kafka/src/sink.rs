@@ -18,7 +18,7 @@ use mkb_bridge::{Batch, Record, envelope};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::context::BridgeContext;
@@ -31,6 +31,16 @@ const PROBE_CONTENT: &[u8] = b"Internal test to see if kafka is alive at startup
 /// How long to wait before enqueueing again when librdkafka's local queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 
+/// The Kafka side's state, as readiness needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KafkaStatus {
+    /// The latest write failed; records are held until Kafka answers.
+    pub failing: bool,
+    pub last_error: Option<String>,
+    /// Nothing more can be held: new messages wait in the MQTT broker.
+    pub full: bool,
+}
+
 /// The Kafka producer task; see the module documentation.
 pub struct KafkaSink {
     config: KafkaConfig,
@@ -39,7 +49,7 @@ pub struct KafkaSink {
     admin: AdminClient<BridgeContext>,
     /// Whether the bridge's topics are known to exist (or creation is left to the broker).
     topics_ready: bool,
-    failing: bool,
+    status: watch::Sender<KafkaStatus>,
 }
 
 impl KafkaSink {
@@ -61,7 +71,7 @@ impl KafkaSink {
             metrics,
             producer,
             admin,
-            failing: false,
+            status: watch::Sender::new(KafkaStatus::default()),
         };
         if let Some(test_topic) = sink.config.test_topic.clone() {
             sink.create_topics().await?;
@@ -70,6 +80,11 @@ impl KafkaSink {
             warn!(error = %e, "Kafka topics not ready yet; trying again before the first write.");
         }
         Ok(sink)
+    }
+
+    /// Follows the Kafka side's state.
+    pub fn status(&self) -> watch::Receiver<KafkaStatus> {
+        self.status.subscribe()
     }
 
     /// Writes every batch from `input` until it closes, and returns once all are delivered.
@@ -89,7 +104,7 @@ impl KafkaSink {
                 && let Err(e) = self.create_topics().await
             {
                 self.metrics.error("create_topic");
-                self.enter_failing(&e.to_string(), pending.len());
+                self.enter_failing(&e.to_string(), &pending);
                 tokio::time::sleep(self.config.retry_interval).await;
                 continue;
             }
@@ -99,7 +114,7 @@ impl KafkaSink {
                 self.leave_failing();
                 return;
             };
-            self.enter_failing(&reason, undelivered.len());
+            self.enter_failing(&reason, &undelivered);
             tokio::time::sleep(self.config.retry_interval).await;
             pending = undelivered;
         }
@@ -188,21 +203,31 @@ impl KafkaSink {
         );
     }
 
-    fn enter_failing(&mut self, reason: &str, records: usize) {
-        if !self.failing {
-            self.failing = true;
-            self.metrics.state.set(1);
-        }
+    /// Records the failing state. Until the spool exists, the held batch is all the bridge
+    /// can hold, so it is also full: the MQTT side waits.
+    fn enter_failing(&mut self, reason: &str, held: &[Record]) {
+        self.metrics.state.set(1);
+        self.metrics.memory_records.set(held.len() as i64);
+        self.metrics
+            .memory_bytes
+            .set(held.iter().map(Record::size).sum::<usize>() as i64);
+        self.status.send_replace(KafkaStatus {
+            failing: true,
+            last_error: Some(reason.to_owned()),
+            full: true,
+        });
         warn!(
-            error = %reason, records, retry_in = ?self.config.retry_interval,
+            error = %reason, records = held.len(), retry_in = ?self.config.retry_interval,
             "Kafka delivery failed, holding records and retrying."
         );
     }
 
     fn leave_failing(&mut self) {
-        if self.failing {
-            self.failing = false;
+        if self.status.borrow().failing {
             self.metrics.state.set(0);
+            self.metrics.memory_records.set(0);
+            self.metrics.memory_bytes.set(0);
+            self.status.send_replace(KafkaStatus::default());
             info!("Kafka accepts writes again.");
         }
     }

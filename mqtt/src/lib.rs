@@ -1,4 +1,5 @@
-//! The MQTT side of the bridge: one task that owns the rumqttc event loop.
+//! The MQTT side of the bridge: one task that owns the rumqttc event loop, MQTT 3.1.1 or 5,
+//! over TCP or TLS.
 //!
 //! [`MqttSource`] connects, subscribes to every configured filter, and hands each received
 //! publish on as a [`mkb_bridge::Message`] through a bounded channel. It reconnects forever with
@@ -7,9 +8,13 @@
 //! what starts the drain of the rest of the pipeline.
 
 mod backoff;
+mod connection;
 mod metrics;
 mod source;
+mod tls;
 
 pub use backoff::Backoff;
+pub use connection::MqttVersion;
 pub use metrics::MqttMetrics;
-pub use source::{MqttConfig, MqttSource};
+pub use source::{Credentials, MqttConfig, MqttSource, MqttStatus};
+pub use tls::{TlsConfig, TlsError, TlsFile};

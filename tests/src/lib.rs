@@ -5,8 +5,10 @@
 //! failing test leaves nothing behind. A missing server binary fails the test with the command
 //! that installs it; nothing is skipped.
 
+pub mod certs;
 pub mod kafka;
 pub mod mqtt;
+pub mod process;
 pub mod servers;
 
 use std::future::Future;
@@ -18,7 +20,8 @@ use tokio::task::JoinHandle;
 
 pub use kafka::KafkaReader;
 pub use mqtt::Publisher;
-pub use servers::{Mosquitto, Tansu};
+pub use process::BridgeProcess;
+pub use servers::{ListenerTls, Mosquitto, MosquittoOptions, Tansu};
 
 /// Installs a test logger once; `MKB_TEST_LOG=debug` shows the bridge's logs.
 pub fn init_logging() {
@@ -62,6 +65,20 @@ pub fn bridge_config(
     mqtt_topics: &str,
     overrides: &[(&str, &str)],
 ) -> Config {
+    let env = bridge_env(mqtt_port, kafka_port, kafka_topic, mqtt_topics, overrides);
+    // An explicit, empty env file keeps a developer's ./.env out of the tests.
+    let empty = tempfile::NamedTempFile::new().expect("temp file for an empty .env");
+    config::load(env, Some(empty.path()), "test-host").expect("test configuration is valid")
+}
+
+/// The environment of a test bridge between the given brokers; `overrides` win.
+pub fn bridge_env(
+    mqtt_port: u16,
+    kafka_port: u16,
+    kafka_topic: &str,
+    mqtt_topics: &str,
+    overrides: &[(&str, &str)],
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
         ("MQTT_BROKER", "127.0.0.1".to_owned()),
         ("MQTT_PORT", mqtt_port.to_string()),
@@ -79,14 +96,13 @@ pub fn bridge_config(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    env.retain(|(k, _)| !overrides.iter().any(|(o, _)| o == k));
     env.extend(
         overrides
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
-    // An explicit, empty env file keeps a developer's ./.env out of the tests.
-    let empty = tempfile::NamedTempFile::new().expect("temp file for an empty .env");
-    config::load(env, Some(empty.path()), "test-host").expect("test configuration is valid")
+    env
 }
 
 /// A name no other test in this run uses (topics, client ids).

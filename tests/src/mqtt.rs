@@ -18,10 +18,18 @@ pub struct Publisher {
 impl Publisher {
     /// Connects to the broker on 127.0.0.1:`port` and waits for its CONNACK.
     pub async fn connect(port: u16) -> Self {
+        Self::connect_as(port, None).await
+    }
+
+    /// Connects with a user name and password.
+    pub async fn connect_as(port: u16, credentials: Option<(&str, &str)>) -> Self {
         let mut options = MqttOptions::new(format!("pub-{}", crate::unique()), "127.0.0.1", port);
         options
             .set_max_packet_size(1 << 20, 1 << 20)
             .set_keep_alive(Duration::from_secs(30));
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 1024);
         let acked = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
@@ -63,6 +71,11 @@ impl Publisher {
             .publish(topic, qos, false, payload.into())
             .await
             .expect("publisher event loop runs");
+    }
+
+    /// Publishes acknowledged by the broker so far (QoS 1/2).
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
     }
 
     /// Waits until the broker acknowledged `count` QoS 1/2 publishes in all.

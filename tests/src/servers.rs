@@ -53,26 +53,59 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// TLS settings of a Mosquitto listener.
+#[derive(Clone, Debug)]
+pub struct ListenerTls {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Clients must present a certificate signed by `ca_file`.
+    pub require_certificate: bool,
+}
+
+/// How a test Mosquitto is set up beyond the defaults (anonymous, plain TCP, no persistence).
+#[derive(Clone, Debug, Default)]
+pub struct MosquittoOptions {
+    pub tls: Option<ListenerTls>,
+    /// A single user allowed in; anonymous access is then off.
+    pub user: Option<(String, String)>,
+}
+
 /// A Mosquitto broker with a generated configuration in its own temporary directory.
 pub struct Mosquitto {
     child: Child,
     port: u16,
+    /// A plain TCP listener for test publishers when `port` is TLS; equal to `port` otherwise.
+    plain_port: u16,
     dir: tempfile::TempDir,
+    options: MosquittoOptions,
 }
 
 impl Mosquitto {
     /// Starts Mosquitto on a free port, anonymous access, no persistence.
     pub fn start() -> Self {
+        Self::start_with(MosquittoOptions::default())
+    }
+
+    pub fn start_with(options: MosquittoOptions) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for mosquitto");
-        Self::start_in(dir, free_port())
+        let port = free_port();
+        let plain_port = if options.tls.is_some() {
+            free_port()
+        } else {
+            port
+        };
+        let child = Self::spawn(dir.path(), port, plain_port, &options);
+        Self {
+            child,
+            port,
+            plain_port,
+            dir,
+            options,
+        }
     }
 
-    fn start_in(dir: tempfile::TempDir, port: u16) -> Self {
-        let child = Self::spawn(dir.path(), port);
-        Self { child, port, dir }
-    }
-
-    fn spawn(dir: &Path, port: u16) -> Child {
+    fn spawn(dir: &Path, port: u16, plain_port: u16, options: &MosquittoOptions) -> Child {
         let binary = find_executable(
             "mosquitto",
             &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")],
@@ -81,11 +114,38 @@ impl Mosquitto {
         let conf = dir.join("mosquitto.conf");
         // Run as root: Mosquitto started as root otherwise switches to `mosquitto`, which
         // cannot read files in a private temp dir.
-        let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n\
+        let mut text = format!(
+            "listener {port} 127.0.0.1\nuser root\npersistence false\n\
              log_dest file {log}\nmax_queued_messages 100000\n",
             log = dir.join("mosquitto.log").display()
         );
+        if let Some(tls) = &options.tls {
+            text.push_str(&format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n\
+                 listener {plain_port} 127.0.0.1\n",
+                tls.ca_file.display(),
+                tls.cert_file.display(),
+                tls.key_file.display(),
+                tls.require_certificate
+            ));
+        }
+        match &options.user {
+            Some((user, password)) => {
+                let passwords = dir.join("passwords");
+                let status = Command::new("mosquitto_passwd")
+                    .args(["-c", "-b"])
+                    .arg(&passwords)
+                    .args([user, password])
+                    .status()
+                    .unwrap_or_else(|e| panic!("mosquitto_passwd: {e}: {MOSQUITTO_INSTALL}"));
+                assert!(status.success(), "mosquitto_passwd failed");
+                text.push_str(&format!(
+                    "allow_anonymous false\npassword_file {}\n",
+                    passwords.display()
+                ));
+            }
+            None => text.push_str("allow_anonymous true\n"),
+        }
         std::fs::write(&conf, text).expect("write mosquitto.conf");
         let mut child = Command::new(binary)
             .arg("-c")
@@ -96,6 +156,7 @@ impl Mosquitto {
             .spawn()
             .expect("spawn mosquitto");
         wait_for_port(port, "mosquitto", &mut child);
+        wait_for_port(plain_port, "mosquitto", &mut child);
         child
     }
 
@@ -103,10 +164,15 @@ impl Mosquitto {
         self.port
     }
 
+    /// A plain TCP port for test publishers (the same as [`Mosquitto::port`] without TLS).
+    pub fn plain_port(&self) -> u16 {
+        self.plain_port
+    }
+
     /// Kills the broker and starts a fresh one on the same port (its sessions are gone).
     pub fn restart(&mut self) {
         kill(&mut self.child);
-        self.child = Self::spawn(self.dir.path(), self.port);
+        self.child = Self::spawn(self.dir.path(), self.port, self.plain_port, &self.options);
     }
 
     pub fn dir(&self) -> &Path {

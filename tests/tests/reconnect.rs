@@ -11,11 +11,26 @@ use rumqttc::QoS;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_reconnects_after_mosquitto_restarts() {
+    bridges_across_a_broker_restart("3.1.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_bridge_reconnects_after_mosquitto_restarts() {
+    bridges_across_a_broker_restart("5").await;
+}
+
+async fn bridges_across_a_broker_restart(mqtt_version: &str) {
     init_logging();
     let kafka = Tansu::start();
     let mut mqtt = Mosquitto::start();
     let topic = format!("mqtt-{}", unique());
-    let config = bridge_config(mqtt.port(), kafka.port(), &topic, "restart/#", &[]);
+    let config = bridge_config(
+        mqtt.port(),
+        kafka.port(),
+        &topic,
+        "restart/#",
+        &[("MQTT_VERSION", mqtt_version)],
+    );
     let bridge = RunningBridge::start(config).await.expect("bridge starts");
     bridge.wait_subscribed().await;
 

@@ -1,0 +1,140 @@
+//! The bridge as a separate process, for what only a process shows: signals, exit statuses,
+//! log output, and kill -9 crashes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Builds the bridge binary once per test run (a no-op when it is up to date) and returns it.
+pub fn bridge_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "mqtt-kafka-bridge",
+                    "--bin",
+                    "mqtt-kafka-bridge",
+                ])
+                .status()
+                .expect("run cargo build for the bridge binary");
+            assert!(status.success(), "cargo build of the bridge failed");
+            // The test executable lives in target/<profile>/deps/.
+            let exe = std::env::current_exe().expect("test executable path");
+            let profile_dir = exe
+                .parent()
+                .and_then(|deps| deps.parent())
+                .expect("test executable in target/<profile>/deps");
+            profile_dir.join("mqtt-kafka-bridge")
+        })
+        .clone()
+}
+
+/// A bridge process with its output captured to files.
+pub struct BridgeProcess {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub health_addr: std::net::SocketAddr,
+}
+
+impl BridgeProcess {
+    /// Starts the binary with exactly `env` (nothing inherited but PATH), in an empty working
+    /// directory, serving HTTP on a fresh port.
+    pub fn start(env: &[(String, String)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for the bridge");
+        let port = crate::servers::free_port();
+        let stdout = std::fs::File::create(dir.path().join("stdout")).expect("stdout file");
+        let stderr = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
+        let mut command = Command::new(bridge_binary());
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("HEALTH_ADDR", "127.0.0.1")
+            .env("HEALTH_PORT", port.to_string())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        let child = command.spawn().expect("spawn the bridge");
+        Self {
+            child,
+            dir,
+            health_addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// SIGKILL, then reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit, failing the test after `deadline`.
+    pub fn wait(&mut self, deadline: Duration) -> ExitStatus {
+        let give_up = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the bridge process") {
+                return status;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "bridge did not exit within {deadline:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// One metric's value (summed over labels), `None` while the HTTP server is not up.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let stream = tokio::net::TcpStream::connect(self.health_addr)
+            .await
+            .ok()?;
+        drop(stream);
+        let text = crate::http_get(self.health_addr, "/metrics").await;
+        Some(crate::metric_value(&text, name))
+    }
+
+    /// Waits until the process holds its MQTT subscription.
+    pub async fn wait_subscribed(&self) {
+        crate::eventually(
+            Duration::from_secs(30),
+            "the bridge process subscribed",
+            || async { (self.metric("bridge_mqtt_subscribed").await == Some(1.0)).then_some(()) },
+        )
+        .await;
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
