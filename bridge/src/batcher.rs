@@ -23,6 +23,10 @@ pub struct BatcherConfig {
     pub max_records: usize,
     /// Longest time a record waits in an open batch.
     pub interval: Duration,
+    /// When set, a batch is also sent once no message arrived for this long. With acks deferred
+    /// until Kafka has a message, the broker sends at most its in-flight window and then waits
+    /// for acknowledgements: waiting out `interval` would only stall the stream.
+    pub idle_flush: Option<Duration>,
 }
 
 /// The batcher task; see the module documentation.
@@ -45,6 +49,7 @@ impl Batcher {
         let mut deadline = Instant::now();
         let timer = sleep_until(deadline);
         tokio::pin!(timer);
+        let idle = self.config.idle_flush;
 
         loop {
             let closed = tokio::select! {
@@ -55,13 +60,19 @@ impl Batcher {
             if !incoming.is_empty() {
                 if batch.is_empty() {
                     deadline = Instant::now() + self.config.interval;
+                }
+                if let Some(idle) = idle {
+                    // Every arrival pushes the idle deadline back, never past the interval's.
+                    timer.as_mut().reset(deadline.min(Instant::now() + idle));
+                } else if batch.is_empty() {
                     timer.as_mut().reset(deadline);
                 }
                 batch
                     .records
                     .extend(incoming.drain(..).map(Record::from_message));
             }
-            let due = batch.len() >= max || (!batch.is_empty() && Instant::now() >= deadline);
+            let due =
+                batch.len() >= max || (!batch.is_empty() && Instant::now() >= timer.deadline());
             if (due || closed) && !batch.is_empty() {
                 let full = std::mem::replace(&mut batch, Batch::with_capacity(max));
                 debug!(records = full.len(), "Batch ready.");
@@ -86,6 +97,7 @@ mod tests {
 
     fn message(n: usize) -> Message {
         Message {
+            seq: n as u64 + 1,
             topic: format!("t/{n}"),
             payload: Bytes::from(n.to_string()),
             qos: QoS::AtLeastOnce,
@@ -102,6 +114,7 @@ mod tests {
         let batcher = Batcher::new(BatcherConfig {
             max_records,
             interval,
+            idle_flush: None,
         });
         tokio::spawn(batcher.run(in_rx, out_tx));
         (in_tx, out_rx)
@@ -162,6 +175,31 @@ mod tests {
         let batch = rx.recv().await.expect("the open batch");
         assert_eq!(keys(&batch), ["t/0", "t/1", "t/2", "t/3", "t/4"]);
         assert!(rx.recv().await.is_none(), "output closes after the flush");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_flush_sends_as_soon_as_messages_stop_coming() {
+        let (in_tx, in_rx) = mpsc::channel(64);
+        let (out_tx, mut rx) = mpsc::channel(4);
+        let batcher = Batcher::new(BatcherConfig {
+            max_records: 1000,
+            interval: Duration::from_secs(5),
+            idle_flush: Some(Duration::from_millis(2)),
+        });
+        tokio::spawn(batcher.run(in_rx, out_tx));
+        let started = Instant::now();
+        for n in 0..3 {
+            in_tx.send(message(n)).await.expect("batcher runs");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let batch = rx.recv().await.expect("a batch once idle");
+        assert_eq!(batch.len(), 3, "arrivals 1 ms apart keep the batch open");
+        assert_eq!(batch.last_seq(), 3);
+        assert!(
+            started.elapsed() < Duration::from_millis(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]

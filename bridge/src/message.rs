@@ -32,6 +32,8 @@ impl QoS {
 /// One message as received from the MQTT broker.
 #[derive(Debug)]
 pub struct Message {
+    /// Receipt number, rising by one per message; see [`crate::acks`].
+    pub seq: u64,
     pub topic: String,
     pub payload: Bytes,
     pub qos: QoS,
@@ -43,6 +45,8 @@ pub struct Message {
 /// keeps its order) and the encoded envelope as value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
+    /// The receipt number of the message it came from (0 for records read back from disk).
+    pub seq: u64,
     pub key: String,
     pub value: Vec<u8>,
     pub received_at: Instant,
@@ -57,6 +61,7 @@ impl Record {
         ));
         crate::envelope::encode(&message.topic, &message.payload, &mut value);
         Self {
+            seq: message.seq,
             key: message.topic,
             value,
             received_at: message.received_at,
@@ -88,5 +93,10 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+    }
+
+    /// The receipt number of its last record: finishing the batch finishes everything up to it.
+    pub fn last_seq(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.seq)
     }
 }

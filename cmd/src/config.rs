@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mkb_bridge::{BatcherConfig, QoS};
-use mkb_kafka::KafkaConfig;
+use mkb_kafka::{FullPolicy, KafkaConfig, SpoolConfig};
 use mkb_log::{LogConfig, LogFormat};
-use mkb_mqtt::{Credentials, MqttConfig, MqttVersion, TlsConfig, TlsError, TlsFile};
+use mkb_mqtt::{AckMode, Credentials, MqttConfig, MqttVersion, TlsConfig, TlsError, TlsFile};
 use serde::Deserialize;
 
 /// One configuration variable, as `--help` and `.env.example` show it.
@@ -111,6 +111,13 @@ pub const VARIABLES: &[Variable] = &[
         "largest MQTT packet accepted, in bytes",
     ),
     var(
+        "MQTT_ACK",
+        Some("after-write"),
+        "after-write: acknowledge QoS 1/2 messages once Kafka or the fsynced disk spool holds \
+         them (crash-safe); on-receipt: acknowledge on arrival (faster, a crash loses messages \
+         in flight)",
+    ),
+    var(
         "MQTT_RECEIVE_MAXIMUM",
         Some("1000"),
         "MQTT 5: unacknowledged QoS 1/2 messages the broker may send at once",
@@ -192,6 +199,28 @@ pub const VARIABLES: &[Variable] = &[
         Some("5s"),
         "longest wait before a partial batch is sent: 5 (seconds), 5s or 250ms",
     ),
+    var(
+        "SPOOL_DIR",
+        Some("spool"),
+        "directory of the disk spool (created if missing), relative to the working directory",
+    ),
+    var(
+        "SPOOL_MEMORY_BYTES",
+        Some("32MiB"),
+        "memory tier of the spool (used with MQTT_ACK=on-receipt or MQTT_QOS=0); \
+         a number of bytes, or with KiB, MiB, GiB",
+    ),
+    var(
+        "SPOOL_DISK_BYTES",
+        Some("1GiB"),
+        "disk tier of the spool; 0 turns it off",
+    ),
+    var(
+        "SPOOL_FULL_POLICY",
+        Some("block"),
+        "when both tiers are full: block (take no more; the MQTT broker keeps QoS 1/2 \
+         messages), drop-oldest or drop-newest (counted in bridge_records_dropped_total)",
+    ),
     var("HEALTH_ADDR", Some("0.0.0.0"), "address of the HTTP server"),
     var(
         "HEALTH_PORT",
@@ -218,6 +247,9 @@ pub struct Config {
     /// Every variable's effective value, secrets shown as `***`, for `--check-config`.
     pub effective: Vec<(String, String)>,
 }
+
+/// With deferred acknowledgements, a batch is also sent once no message came for this long.
+const IDLE_FLUSH: Duration = Duration::from_millis(2);
 
 /// Prefix of the variables passed through to librdkafka.
 pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
@@ -286,6 +318,11 @@ struct Raw {
     mqtt_keep_alive: Option<String>,
     mqtt_max_packet_size: Option<String>,
     mqtt_receive_maximum: Option<String>,
+    mqtt_ack: Option<String>,
+    spool_dir: Option<String>,
+    spool_memory_bytes: Option<String>,
+    spool_disk_bytes: Option<String>,
+    spool_full_policy: Option<String>,
     kafka_broker: Option<String>,
     kafka_port: Option<String>,
     kafka_brokers: Option<String>,
@@ -492,6 +529,22 @@ impl Parser<'_> {
             )?,
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
+            ack_mode: {
+                let value = get(&r.mqtt_ack, "MQTT_ACK");
+                match value {
+                    "after-write" => AckMode::AfterWrite,
+                    "on-receipt" => AckMode::OnReceipt,
+                    _ => {
+                        return Err(ConfigError::invalid(
+                            "MQTT_ACK",
+                            value,
+                            "after-write or on-receipt",
+                        ));
+                    }
+                }
+            },
+            // Set below, from SHUTDOWN_TIMEOUT.
+            shutdown_grace: Duration::ZERO,
             client_id,
         };
         if mqtt.client_id.is_empty() {
@@ -562,6 +615,10 @@ impl Parser<'_> {
                 "KAFKA_DELIVERY_TIMEOUT",
             )?,
             properties: self.properties.clone(),
+            // Set below, with the batch sizes and SHUTDOWN_TIMEOUT.
+            max_batch_size: 0,
+            shutdown_grace: Duration::ZERO,
+            spool: self.spool()?,
         };
         if let Err(invalid) = kafka.validate() {
             let Some((key, value)) = kafka.properties.iter().find(|(key, _)| *key == invalid.key)
@@ -596,13 +653,26 @@ impl Parser<'_> {
                 format!("at least KAFKA_BATCH_SIZE ({batch_size})"),
             ));
         }
+        // With deferred acks the broker stops at its in-flight window: flush when it goes quiet.
+        let deferred_acks = mqtt.ack_mode == AckMode::AfterWrite && mqtt.qos != QoS::AtMostOnce;
         let batcher = BatcherConfig {
             max_records: batch_size,
             interval: positive_duration(
                 get(&r.kafka_interval, "KAFKA_INTERVAL"),
                 "KAFKA_INTERVAL",
             )?,
+            idle_flush: deferred_acks.then_some(IDLE_FLUSH),
         };
+        let shutdown_timeout = positive_duration(
+            get(&r.shutdown_timeout, "SHUTDOWN_TIMEOUT"),
+            "SHUTDOWN_TIMEOUT",
+        )?;
+        let mut mqtt = mqtt;
+        let mut kafka = kafka;
+        mqtt.shutdown_grace = shutdown_timeout.mul_f64(0.75);
+        kafka.max_batch_size = max_batch_size;
+        kafka.shutdown_grace = shutdown_timeout / 2;
+        kafka.spool.persist_all = deferred_acks;
 
         let health_ip: IpAddr = {
             let value = get(&r.health_addr, "HEALTH_ADDR");
@@ -624,10 +694,7 @@ impl Parser<'_> {
             batcher,
             max_batch_size,
             health_addr: SocketAddr::new(health_ip, health_port),
-            shutdown_timeout: positive_duration(
-                get(&r.shutdown_timeout, "SHUTDOWN_TIMEOUT"),
-                "SHUTDOWN_TIMEOUT",
-            )?,
+            shutdown_timeout,
             effective: Vec::new(),
         })
     }
@@ -677,6 +744,49 @@ impl Parser<'_> {
                 value: String::new(),
                 expected: format!("a CA file, as the system has no usable roots ({reason})"),
             },
+        })
+    }
+
+    fn spool(&self) -> Result<SpoolConfig, ConfigError> {
+        let r = &self.raw;
+        let dir = PathBuf::from(get(&r.spool_dir, "SPOOL_DIR"));
+        if dir.exists() && !dir.is_dir() {
+            return Err(ConfigError::invalid(
+                "SPOOL_DIR",
+                &dir.display().to_string(),
+                "a directory (this is a file)",
+            ));
+        }
+        let memory_bytes = byte_size(
+            get(&r.spool_memory_bytes, "SPOOL_MEMORY_BYTES"),
+            "SPOOL_MEMORY_BYTES",
+        )?;
+        let disk_bytes = byte_size(
+            get(&r.spool_disk_bytes, "SPOOL_DISK_BYTES"),
+            "SPOOL_DISK_BYTES",
+        )?;
+        let full_policy = {
+            let value = get(&r.spool_full_policy, "SPOOL_FULL_POLICY");
+            match value {
+                "block" => FullPolicy::Block,
+                "drop-oldest" => FullPolicy::DropOldest,
+                "drop-newest" => FullPolicy::DropNewest,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "SPOOL_FULL_POLICY",
+                        value,
+                        "block, drop-oldest or drop-newest",
+                    ));
+                }
+            }
+        };
+        Ok(SpoolConfig {
+            dir: (disk_bytes > 0).then_some(dir),
+            memory_bytes,
+            disk_bytes,
+            full_policy,
+            // Set by the caller, from MQTT_ACK and MQTT_QOS.
+            persist_all: false,
         })
     }
 
@@ -767,6 +877,35 @@ fn boolean(value: &str, var: &'static str) -> Result<bool, ConfigError> {
         "false" | "0" | "no" | "off" => Ok(false),
         _ => Err(ConfigError::invalid(var, value, "true or false")),
     }
+}
+
+/// Parses a byte size: `1048576`, `512KiB`, `64MiB`, `1GiB` (binary units; `KB`, `MB`, `GB`
+/// and `K`, `M`, `G` mean the same here).
+pub fn parse_bytes(value: &str) -> Option<usize> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let n: usize = digits.parse().ok()?;
+    let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(multiplier)
+}
+
+fn byte_size(value: &str, var: &'static str) -> Result<usize, ConfigError> {
+    parse_bytes(value).ok_or_else(|| {
+        ConfigError::invalid(
+            var,
+            value,
+            "a size in bytes such as 1048576, 512KiB, 64MiB or 1GiB",
+        )
+    })
 }
 
 /// Parses `5` (seconds, as Metamorphosis), `5s`, `250ms`, `2m` or `1h`.
@@ -957,6 +1096,35 @@ mod tests {
         assert_eq!(parse_duration("fast"), None);
         assert_eq!(parse_duration("-5"), None);
         assert_eq!(parse_duration("1.5s"), None);
+    }
+
+    #[test]
+    fn sizes_accept_binary_units() {
+        assert_eq!(parse_bytes("1048576"), Some(1 << 20));
+        assert_eq!(parse_bytes("512KiB"), Some(512 << 10));
+        assert_eq!(parse_bytes("64 MiB"), Some(64 << 20));
+        assert_eq!(parse_bytes("1GiB"), Some(1 << 30));
+        assert_eq!(parse_bytes("2g"), Some(2 << 30));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("1.5GiB"), None);
+    }
+
+    #[test]
+    fn after_write_acks_persist_spooled_records_and_flush_on_idle() {
+        let config = load_env(&[]).expect("valid");
+        assert_eq!(config.mqtt.ack_mode, AckMode::AfterWrite);
+        assert!(config.kafka.spool.persist_all);
+        assert_eq!(config.batcher.idle_flush, Some(IDLE_FLUSH));
+        let on_receipt = load_env(&[("MQTT_ACK", "on-receipt")]).expect("valid");
+        assert!(!on_receipt.kafka.spool.persist_all);
+        assert_eq!(on_receipt.batcher.idle_flush, None);
+        let qos0 = load_env(&[("MQTT_QOS", "0")]).expect("valid");
+        assert!(
+            !qos0.kafka.spool.persist_all,
+            "QoS 0 has nothing to acknowledge"
+        );
+        assert_eq!(config.kafka.spool.full_policy, FullPolicy::Block);
+        assert_eq!(config.kafka.spool.disk_bytes, 1 << 30);
     }
 
     #[test]

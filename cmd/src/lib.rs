@@ -16,7 +16,7 @@ pub mod config;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use mkb_bridge::Batcher;
+use mkb_bridge::{Batcher, ack_channel};
 use mkb_kafka::{KafkaMetrics, KafkaSink, KafkaStatus};
 use mkb_mqtt::{MqttMetrics, MqttSource, MqttStatus};
 use mkb_observability::{HealthServer, Readiness, ReadinessHandle};
@@ -79,7 +79,8 @@ impl Bridge {
             let _ = http_stopped.await;
         }));
 
-        let sink = match KafkaSink::connect(config.kafka.clone(), kafka_metrics).await {
+        let (ack_handle, ack_watermark) = ack_channel();
+        let sink = match KafkaSink::connect(config.kafka.clone(), kafka_metrics, ack_handle).await {
             Ok(sink) => sink,
             Err(e) => {
                 let _ = stop_http.send(());
@@ -98,7 +99,7 @@ impl Bridge {
             readiness.clone(),
         ));
         let kafka = tokio::spawn(sink.run(batch_rx));
-        let mqtt = tokio::spawn(source.run(message_tx, async {
+        let mqtt = tokio::spawn(source.run(message_tx, ack_watermark, async {
             let _ = mqtt_stopped.await;
         }));
         info!(

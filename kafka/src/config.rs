@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
+use crate::spool::SpoolConfig;
+
 /// Everything the Kafka task needs, already validated.
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
@@ -26,6 +28,11 @@ pub struct KafkaConfig {
     pub delivery_timeout: Duration,
     /// librdkafka properties passed through unchanged, applied after the bridge's own defaults.
     pub properties: Vec<(String, String)>,
+    /// Records per write when draining the spool.
+    pub max_batch_size: usize,
+    /// How long shutdown waits for delivery reports before saving the rest to disk.
+    pub shutdown_grace: Duration,
+    pub spool: SpoolConfig,
 }
 
 /// A librdkafka property the configuration cannot use.
@@ -124,6 +131,15 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            max_batch_size: 100,
+            shutdown_grace: Duration::from_secs(1),
+            spool: SpoolConfig {
+                dir: None,
+                memory_bytes: 1024,
+                disk_bytes: 0,
+                full_policy: crate::FullPolicy::Block,
+                persist_all: false,
+            },
         }
     }
 

@@ -5,18 +5,20 @@
 //! [`mkb_bridge::Batch`] and waits for every delivery report before taking the next, so a batch
 //! is either wholly in Kafka or still held here.
 //!
-//! Errors fall in three kinds (see [`sink`]): final for one record (too large: counted and
-//! dropped, the pipeline goes on), worth a short wait (local queue full), and "Kafka is down":
-//! the undelivered records are kept, in order, and tried again every `retry_interval`; nothing
-//! behind them overtakes them.
+//! Errors fall in three kinds (see the `sink` module): final for one record (too large: counted
+//! and dropped, the pipeline goes on), worth a short wait (local queue full), and "Kafka is
+//! down": the undelivered records go to the [`spool`], in order, and are tried again every
+//! `retry_interval`; nothing behind them overtakes them.
 
 mod config;
 mod context;
 mod error;
 mod metrics;
 mod sink;
+pub mod spool;
 
 pub use config::{InvalidProperty, KafkaConfig, is_secret_property};
 pub use error::KafkaError;
-pub use metrics::KafkaMetrics;
+pub use metrics::{KafkaMetrics, SpoolMetrics};
 pub use sink::{KafkaSink, KafkaStatus};
+pub use spool::{FullPolicy, SpoolConfig};

@@ -1,8 +1,8 @@
 //! Metrics of the Kafka task. Metric names live here and nowhere else.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    exponential_buckets,
+    Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, exponential_buckets,
 };
 
 /// Counters, gauges and histograms of the Kafka side, registered in the bridge's registry.
@@ -18,9 +18,24 @@ pub struct KafkaMetrics {
     pub latency: Histogram,
     /// Records per batch written.
     pub batch_records: Histogram,
-    /// Records and bytes held in memory, waiting for Kafka.
+    /// Seconds spent in the failing state.
+    pub failing_seconds: Counter,
+    pub spool: SpoolMetrics,
+}
+
+/// Metrics of the outage spool.
+#[derive(Clone)]
+pub struct SpoolMetrics {
     pub memory_records: IntGauge,
     pub memory_bytes: IntGauge,
+    pub disk_records: IntGauge,
+    pub disk_bytes: IntGauge,
+    /// 1 while the disk tier is usable.
+    pub disk_available: IntGauge,
+    pub spooled: IntCounter,
+    pub drained: IntCounter,
+    pub corrupt: IntCounter,
+    pub fsync: Histogram,
 }
 
 impl KafkaMetrics {
@@ -76,8 +91,45 @@ impl KafkaMetrics {
             ),
             &["tier"],
         )?;
-        registry.register(Box::new(spool_records.clone()))?;
-        registry.register(Box::new(spool_bytes.clone()))?;
+        let spooled = IntCounter::new(
+            "bridge_spool_records_spooled_total",
+            "Records put in the spool because Kafka was failing.",
+        )?;
+        let drained = IntCounter::new(
+            "bridge_spool_records_drained_total",
+            "Spooled records delivered to Kafka.",
+        )?;
+        let corrupt = IntCounter::new(
+            "bridge_spool_corrupt_entries_total",
+            "Damaged spool entries or databases moved aside (never delivered automatically).",
+        )?;
+        let disk_available = IntGauge::new(
+            "bridge_spool_disk_available",
+            "1 while the disk tier of the spool is usable, 0 otherwise.",
+        )?;
+        let fsync = Histogram::with_opts(
+            HistogramOpts::new(
+                "bridge_spool_fsync_seconds",
+                "Duration of disk spool fsyncs.",
+            )
+            .buckets(exponential_buckets(0.0005, 2.0, 12)?),
+        )?;
+        let failing_seconds = Counter::new(
+            "bridge_kafka_failing_seconds_total",
+            "Seconds spent with Kafka failing.",
+        )?;
+        for collector in [
+            Box::new(spool_records.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(spool_bytes.clone()),
+            Box::new(spooled.clone()),
+            Box::new(drained.clone()),
+            Box::new(corrupt.clone()),
+            Box::new(disk_available.clone()),
+            Box::new(fsync.clone()),
+            Box::new(failing_seconds.clone()),
+        ] {
+            registry.register(collector)?;
+        }
         registry.register(Box::new(records_sent.clone()))?;
         registry.register(Box::new(batches_sent.clone()))?;
         registry.register(Box::new(state.clone()))?;
@@ -93,8 +145,18 @@ impl KafkaMetrics {
             dropped,
             latency,
             batch_records,
-            memory_records: spool_records.with_label_values(&["memory"]),
-            memory_bytes: spool_bytes.with_label_values(&["memory"]),
+            failing_seconds,
+            spool: SpoolMetrics {
+                memory_records: spool_records.with_label_values(&["memory"]),
+                memory_bytes: spool_bytes.with_label_values(&["memory"]),
+                disk_records: spool_records.with_label_values(&["disk"]),
+                disk_bytes: spool_bytes.with_label_values(&["disk"]),
+                disk_available,
+                spooled,
+                drained,
+                corrupt,
+                fsync,
+            },
         })
     }
 
@@ -102,7 +164,9 @@ impl KafkaMetrics {
         self.errors.with_label_values(&[kind]).inc();
     }
 
-    pub(crate) fn dropped(&self, reason: &str) {
-        self.dropped.with_label_values(&[reason]).inc();
+    pub(crate) fn dropped(&self, reason: &str, records: usize) {
+        self.dropped
+            .with_label_values(&[reason])
+            .inc_by(records as u64);
     }
 }

@@ -1,44 +1,149 @@
-//! The Kafka producer task.
+//! The Kafka producer task: the only owner of the producer and of the spool.
 //!
-//! Invariant: records leave in the order they arrived, and a record is forgotten only once Kafka
-//! acknowledged it or it was dropped as final (too large, counted). While Kafka fails, the
-//! undelivered records of the current batch are tried again every `retry_interval`, and the task
-//! takes no new batch meanwhile: the bounded channels fill and the MQTT side slows down.
+//! # States
+//! - **Direct**: Kafka accepts writes and the spool is empty. Each batch is handed to librdkafka
+//!   at once; up to [`MAX_IN_FLIGHT`] batches await their delivery reports, settled in order.
+//! - **Failing**: a write failed. Every new batch goes to the spool, behind what is there;
+//!   nothing overtakes it. Every `retry_interval` the oldest spooled chunk is tried.
+//! - **Draining**: that try succeeded (or a spool was found at start-up). Chunks of up to
+//!   `max_batch_size` records go out in order, several in flight; new batches still go to the
+//!   spool. Once it is empty the task is back to Direct.
 //!
-//! Error kinds, decided per record:
-//! - *final* — the record can never be written (larger than `message.max.bytes`): dropped and
-//!   counted under `bridge_records_dropped_total{reason="too_large"}`; the rest goes on.
-//! - *wait* — librdkafka's local queue is full: wait briefly and enqueue again.
-//! - *down* — anything else (delivery timeout, broker unreachable, unknown topic): keep the
-//!   record and enter the failing state.
+//! # Order and duplicates
+//! When a unit in flight fails, everything from its first failed record on — including records
+//! of later units that Kafka may still deliver — goes to the spool and is sent again later.
+//! Kafka may then hold a record twice, but the last copy of every record comes after the last
+//! copy of every record before it: per MQTT topic (one topic, one partition) order holds.
+//!
+//! # Error kinds, per record
+//! - *final*: larger than Kafka accepts. Dropped and counted (`too_large`); the rest goes on.
+//! - *wait*: librdkafka's local queue is full. Wait briefly, enqueue again.
+//! - *down*: anything else (delivery timeout, broker unreachable, unknown topic). Failing state.
+//!
+//! # Acknowledgements
+//! A message is *done* once Kafka acknowledged it, it is fsynced in the disk spool, or it was
+//! given up on and counted; the task reports that through its [`AckHandle`] in receipt order.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use mkb_bridge::{Batch, Record, envelope};
+use mkb_bridge::{AckHandle, Batch, Record, envelope};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
 use crate::context::BridgeContext;
+use crate::spool::{FullPolicy, Spool};
 use crate::{KafkaConfig, KafkaError, KafkaMetrics};
 
 /// The probe Metamorphosis writes at start-up; kept identical for existing dashboards.
 const PROBE_TOPIC_FIELD: &str = "test";
 const PROBE_CONTENT: &[u8] = b"Internal test to see if kafka is alive at startup";
 
+/// Units (batches or spool chunks) awaiting delivery reports at once.
+pub const MAX_IN_FLIGHT: usize = 4;
 /// How long to wait before enqueueing again when librdkafka's local queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+/// Batches taken from the input in one go while spooling, then fsynced together.
+const GROUP_COMMIT_BATCHES: usize = 64;
+/// At most one log line per this interval about dropped records.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The Kafka side's state, as readiness needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KafkaStatus {
-    /// The latest write failed; records are held until Kafka answers.
+    /// The latest write failed; records go to the spool.
     pub failing: bool,
     pub last_error: Option<String>,
-    /// Nothing more can be held: new messages wait in the MQTT broker.
+    /// Nothing more can be held: new messages wait in the MQTT broker (or are dropped, as the
+    /// full policy says).
     pub full: bool,
+}
+
+enum State {
+    Direct,
+    Failing { retry_at: Instant },
+    Draining { cursor: u64, probing: bool },
+}
+
+/// Where the records of a unit in flight came from.
+enum Origin {
+    Direct,
+    Spool { last_id: u64 },
+}
+
+/// One record handed to librdkafka, or why it was not.
+enum Send {
+    Pending(DeliveryFuture),
+    Delivered,
+    /// Final error: counted and given up on.
+    Dropped,
+    Failed(String),
+}
+
+/// A batch or spool chunk awaiting its delivery reports.
+struct InFlight {
+    origin: Origin,
+    records: Vec<Record>,
+    sends: Vec<Send>,
+    /// Sends before this index are settled.
+    settled: usize,
+    /// The first failed record and why.
+    failure: Option<(usize, String)>,
+}
+
+impl InFlight {
+    /// Awaits the reports in order until all are settled or one failed. Cancel-safe: progress
+    /// is kept in `self`.
+    async fn settle(&mut self, metrics: &KafkaMetrics) {
+        while self.failure.is_none() && self.settled < self.sends.len() {
+            let i = self.settled;
+            if let Send::Pending(report) = &mut self.sends[i] {
+                self.sends[i] = match report.await {
+                    Ok(Ok(_)) => Send::Delivered,
+                    Ok(Err((e, _))) if is_final(&e) => {
+                        drop_too_large(metrics, &self.records[i], &e);
+                        Send::Dropped
+                    }
+                    Ok(Err((e, _))) => Send::Failed(e.to_string()),
+                    Err(_canceled) => Send::Failed("producer shut down".to_owned()),
+                };
+            }
+            match &self.sends[i] {
+                Send::Delivered => {
+                    metrics.records_sent.inc();
+                    if matches!(self.origin, Origin::Direct) {
+                        let latency = self.records[i].received_at.elapsed();
+                        metrics.latency.observe(latency.as_secs_f64());
+                    }
+                }
+                Send::Failed(reason) => {
+                    metrics.error("delivery");
+                    self.failure = Some((i, reason.clone()));
+                }
+                Send::Dropped | Send::Pending(_) => {}
+            }
+            self.settled += 1;
+        }
+    }
+
+    fn is_settled(&self) -> bool {
+        self.failure.is_some() || self.settled == self.sends.len()
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.seq)
+    }
+
+    /// The records not known to be in Kafka: from the first failed or unsettled one on.
+    fn undelivered(self) -> Vec<Record> {
+        let from = self.failure.as_ref().map_or(self.settled, |(i, _)| *i);
+        let mut records = self.records;
+        records.split_off(from)
+    }
 }
 
 /// The Kafka producer task; see the module documentation.
@@ -50,14 +155,34 @@ pub struct KafkaSink {
     /// Whether the bridge's topics are known to exist (or creation is left to the broker).
     topics_ready: bool,
     status: watch::Sender<KafkaStatus>,
+    acks: AckHandle,
+    spool: Spool,
+    state: State,
+    in_flight: VecDeque<InFlight>,
+    /// A batch that arrived while the spool was full under the `block` policy.
+    held: Option<Batch>,
+    /// Highest receipt number spooled but not yet reported done (waits for the fsync).
+    spooled_through: u64,
+    /// When Kafka started failing, for `bridge_kafka_failing_seconds_total`.
+    failing_since: Option<Instant>,
+    /// Records dropped by the full policy since the last log line, and when that was.
+    drops_unlogged: usize,
+    drop_logged_at: Option<Instant>,
+    /// Size of the latest batch, to judge whether the spool can take another.
+    typical_batch_bytes: usize,
 }
 
 impl KafkaSink {
-    /// Builds the producer, creates missing topics and, when configured, runs the start-up probe.
+    /// Builds the producer, opens the spool, creates missing topics and, when configured,
+    /// runs the start-up probe.
     ///
     /// Without a probe topic an unreachable Kafka is not an error here: the bridge starts, and
-    /// the records wait until Kafka answers.
-    pub async fn connect(config: KafkaConfig, metrics: KafkaMetrics) -> Result<Self, KafkaError> {
+    /// the records wait in the spool until Kafka answers.
+    pub async fn connect(
+        config: KafkaConfig,
+        metrics: KafkaMetrics,
+        acks: AckHandle,
+    ) -> Result<Self, KafkaError> {
         let client_config = config.client_config();
         let producer: FutureProducer<BridgeContext> = client_config
             .create_with_context(BridgeContext)
@@ -65,6 +190,15 @@ impl KafkaSink {
         let admin: AdminClient<BridgeContext> = client_config
             .create_with_context(BridgeContext)
             .map_err(KafkaError::Client)?;
+        let spool = Spool::open(config.spool.clone(), metrics.spool.clone()).await;
+        let state = if spool.is_empty() {
+            State::Direct
+        } else {
+            State::Draining {
+                cursor: 0,
+                probing: true,
+            }
+        };
         let mut sink = Self {
             topics_ready: !config.auto_create_topics,
             config,
@@ -72,6 +206,16 @@ impl KafkaSink {
             producer,
             admin,
             status: watch::Sender::new(KafkaStatus::default()),
+            acks,
+            spool,
+            state,
+            in_flight: VecDeque::new(),
+            held: None,
+            spooled_through: 0,
+            failing_since: None,
+            drops_unlogged: 0,
+            drop_logged_at: None,
+            typical_batch_bytes: 0,
         };
         if let Some(test_topic) = sink.config.test_topic.clone() {
             sink.create_topics().await?;
@@ -87,148 +231,410 @@ impl KafkaSink {
         self.status.subscribe()
     }
 
-    /// Writes every batch from `input` until it closes, and returns once all are delivered.
+    /// Writes every batch from `input` until it closes, then settles what is in flight and
+    /// saves whatever Kafka has not confirmed to the disk spool.
     pub async fn run(mut self, mut input: mpsc::Receiver<Batch>) {
-        while let Some(batch) = input.recv().await {
-            self.deliver(batch).await;
+        loop {
+            self.top_up().await;
+            let accepting = self.held.is_none()
+                && match self.state {
+                    State::Direct => self.in_flight.len() < MAX_IN_FLIGHT,
+                    State::Failing { .. } | State::Draining { .. } => true,
+                };
+            let retry_at = match self.state {
+                State::Failing { retry_at } if self.in_flight.is_empty() => Some(retry_at),
+                _ => None,
+            };
+            enum Event {
+                Settled,
+                Batch(Option<Batch>),
+                Retry,
+            }
+            let event = {
+                let head = self.in_flight.front_mut();
+                let has_head = head.is_some();
+                let metrics = &self.metrics;
+                tokio::select! {
+                    biased;
+                    () = async { if let Some(head) = head { head.settle(metrics).await } },
+                        if has_head => Event::Settled,
+                    batch = input.recv(), if accepting => Event::Batch(batch),
+                    () = sleep_until(retry_at.unwrap_or_else(Instant::now)),
+                        if retry_at.is_some() => Event::Retry,
+                }
+            };
+            match event {
+                Event::Settled => self.on_settled().await,
+                Event::Batch(Some(batch)) => self.accept(batch, &mut input).await,
+                Event::Batch(None) => break,
+                Event::Retry => {
+                    self.add_failing_time();
+                    self.state = State::Draining {
+                        cursor: 0,
+                        probing: true,
+                    };
+                }
+            }
         }
-        info!("Kafka task stopped: every batch handed to it was delivered.");
+        self.shutdown().await;
     }
 
-    /// Delivers one batch, trying again every `retry_interval` until nothing of it is left.
-    async fn deliver(&mut self, batch: Batch) {
-        let mut pending = batch.records;
-        self.metrics.batch_records.observe(pending.len() as f64);
-        loop {
-            if !self.topics_ready
-                && let Err(e) = self.create_topics().await
-            {
-                self.metrics.error("create_topic");
-                self.enter_failing(&e.to_string(), &pending);
-                tokio::time::sleep(self.config.retry_interval).await;
+    /// A batch from the batcher: straight to Kafka, or behind the spool.
+    async fn accept(&mut self, batch: Batch, input: &mut mpsc::Receiver<Batch>) {
+        self.metrics.batch_records.observe(batch.len() as f64);
+        self.typical_batch_bytes = batch.records.iter().map(Record::size).sum();
+        if matches!(self.state, State::Direct) {
+            if self.ensure_topics().await {
+                let unit = self.send(Origin::Direct, batch.records).await;
+                self.in_flight.push_back(unit);
+            } else {
+                self.spool_records(batch.records);
+                self.flush_spool().await;
+            }
+            return;
+        }
+        // Spooling: take what else is waiting, then fsync once for all of it.
+        let mut next = Some(batch);
+        let mut taken = 0;
+        while let Some(batch) = next.take() {
+            if !self.spool_records(batch.records) {
+                break;
+            }
+            taken += 1;
+            if taken < GROUP_COMMIT_BATCHES {
+                next = input.try_recv().ok();
+                if let Some(batch) = &next {
+                    self.metrics.batch_records.observe(batch.len() as f64);
+                }
+            }
+        }
+        self.flush_spool().await;
+    }
+
+    /// Hands records to librdkafka. After the first record that cannot be enqueued, the rest are
+    /// not tried, so nothing behind a failure overtakes it.
+    async fn send(&self, origin: Origin, records: Vec<Record>) -> InFlight {
+        let mut sends = Vec::with_capacity(records.len());
+        let mut failed: Option<String> = None;
+        for record in &records {
+            if let Some(reason) = &failed {
+                sends.push(Send::Failed(reason.clone()));
                 continue;
             }
-            let failed = self.send(pending).await;
-            let Some((reason, undelivered)) = failed else {
-                self.metrics.batches_sent.inc();
-                self.leave_failing();
-                return;
-            };
-            self.enter_failing(&reason, &undelivered);
-            tokio::time::sleep(self.config.retry_interval).await;
-            pending = undelivered;
-        }
-    }
-
-    /// Enqueues every record, then awaits every delivery report. Returns the first error and the
-    /// records that were not delivered, in their original order, or `None` when all were.
-    async fn send(&self, records: Vec<Record>) -> Option<(String, Vec<Record>)> {
-        let mut reports: Vec<Option<DeliveryFuture>> = Vec::with_capacity(records.len());
-        let mut first_error: Option<String> = None;
-        for record in &records {
-            reports.push(self.enqueue(record, &mut first_error).await);
-        }
-        let mut undelivered = Vec::new();
-        for (record, report) in records.into_iter().zip(reports) {
-            let outcome = match report {
-                Some(report) => report.await,
-                None => {
-                    undelivered.push(record);
-                    continue;
-                }
-            };
-            match outcome {
-                Ok(Ok(_)) => {
-                    self.metrics.records_sent.inc();
-                    self.metrics
-                        .latency
-                        .observe(record.received_at.elapsed().as_secs_f64());
-                }
-                Ok(Err((e, _))) if is_final(&e) => self.drop_too_large(&record, &e),
-                Ok(Err((e, _))) => {
-                    self.metrics.error("delivery");
-                    first_error.get_or_insert_with(|| e.to_string());
-                    undelivered.push(record);
-                }
-                Err(_canceled) => {
-                    self.metrics.error("delivery");
-                    first_error.get_or_insert_with(|| "producer shut down".to_owned());
-                    undelivered.push(record);
-                }
+            let send = self.enqueue(record).await;
+            if let Send::Failed(reason) = &send {
+                self.metrics.error("enqueue");
+                failed = Some(reason.clone());
             }
+            sends.push(send);
         }
-        first_error.map(|reason| (reason, undelivered))
+        InFlight {
+            origin,
+            records,
+            sends,
+            settled: 0,
+            failure: None,
+        }
     }
 
-    /// Hands one record to librdkafka. `None` means it was not enqueued: either dropped as final
-    /// (counted) or to be tried again (the reason is kept in `first_error`).
-    async fn enqueue(
-        &self,
-        record: &Record,
-        first_error: &mut Option<String>,
-    ) -> Option<DeliveryFuture> {
-        if first_error.is_some() {
-            // Kafka is already failing for this batch; enqueueing more only reorders the rest.
-            return None;
-        }
+    async fn enqueue(&self, record: &Record) -> Send {
         loop {
             let kafka_record = FutureRecord::to(&self.config.topic)
                 .key(record.key.as_bytes())
                 .payload(&record.value);
             match self.producer.send_result(kafka_record) {
-                Ok(report) => return Some(report),
+                Ok(report) => return Send::Pending(report),
                 Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     self.metrics.error("queue_full");
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
                 }
                 Err((e, _)) if is_final(&e) => {
-                    self.drop_too_large(record, &e);
-                    return None;
+                    drop_too_large(&self.metrics, record, &e);
+                    return Send::Dropped;
                 }
-                Err((e, _)) => {
-                    self.metrics.error("enqueue");
-                    *first_error = Some(e.to_string());
-                    return None;
-                }
+                Err((e, _)) => return Send::Failed(e.to_string()),
             }
         }
     }
 
-    fn drop_too_large(&self, record: &Record, error: &RdKafkaError) {
-        self.metrics.error("too_large");
-        self.metrics.dropped("too_large");
-        error!(
-            mqtt_topic = %record.key, bytes = record.value.len(), error = %error,
-            "Record larger than Kafka accepts, dropped."
-        );
+    /// The oldest unit in flight has settled (or failed).
+    async fn on_settled(&mut self) {
+        let unit = self.in_flight.pop_front().expect("a unit settled");
+        let Some((_, reason)) = unit.failure.clone() else {
+            self.metrics.batches_sent.inc();
+            match unit.origin {
+                Origin::Direct => self.acks.done_through(unit.last_seq()),
+                Origin::Spool { last_id } => {
+                    self.spool.remove_through(last_id);
+                    if let State::Draining { probing, .. } = &mut self.state
+                        && *probing
+                    {
+                        *probing = false;
+                        self.kafka_back();
+                    }
+                    self.unhold().await;
+                }
+            }
+            return;
+        };
+        match unit.origin {
+            Origin::Direct => {
+                // Everything from the failure on, and every later batch, goes to the spool in
+                // order (the spool is empty in the direct state).
+                let mut records = unit.undelivered();
+                for later in std::mem::take(&mut self.in_flight) {
+                    records.extend(later.records);
+                }
+                self.enter_failing(&reason, records.len());
+                self.spool_records(records);
+                self.flush_spool().await;
+            }
+            Origin::Spool { .. } => {
+                // The chunks stay in the spool; later chunks in flight are abandoned.
+                self.in_flight.clear();
+                self.enter_failing(&reason, self.spool.records());
+            }
+        }
     }
 
-    /// Records the failing state. Until the spool exists, the held batch is all the bridge
-    /// can hold, so it is also full: the MQTT side waits.
-    fn enter_failing(&mut self, reason: &str, held: &[Record]) {
+    /// While draining: keeps up to [`MAX_IN_FLIGHT`] chunks out (one while probing), and
+    /// returns to the direct state once the spool is empty.
+    async fn top_up(&mut self) {
+        let State::Draining { cursor, probing } = self.state else {
+            return;
+        };
+        let limit = if probing { 1 } else { MAX_IN_FLIGHT };
+        let mut cursor = cursor;
+        while self.in_flight.len() < limit {
+            let chunk = self.spool.read_after(cursor, self.config.max_batch_size);
+            let Some(last_id) = chunk.last().map(|e| e.id) else {
+                break;
+            };
+            if !self.ensure_topics().await {
+                self.enter_failing("Kafka topics cannot be created", self.spool.records());
+                return;
+            }
+            let records: Vec<Record> = chunk.into_iter().flat_map(|e| e.records).collect();
+            let unit = self.send(Origin::Spool { last_id }, records).await;
+            self.in_flight.push_back(unit);
+            cursor = last_id;
+        }
+        if let State::Draining { cursor: c, .. } = &mut self.state {
+            *c = cursor;
+        }
+        if self.in_flight.is_empty() && self.spool.is_empty() && self.held.is_none() {
+            info!("Spool drained; writing to Kafka directly again.");
+            self.kafka_back();
+            self.state = State::Direct;
+        }
+        self.update_status();
+    }
+
+    /// Puts records behind the spool. Returns `false` when they are held back (spool full,
+    /// policy `block`): the task then takes nothing more until there is room.
+    fn spool_records(&mut self, records: Vec<Record>) -> bool {
+        let Some(last_seq) = records.last().map(|r| r.seq) else {
+            return true;
+        };
+        let mut records = match self.spool.push(records) {
+            Ok(()) => {
+                self.spooled_through = self.spooled_through.max(last_seq);
+                self.update_status();
+                return true;
+            }
+            Err(records) => records,
+        };
+        match self.config.spool.full_policy {
+            FullPolicy::Block => {
+                self.held = Some(Batch { records });
+                self.update_status();
+                return false;
+            }
+            FullPolicy::DropOldest => {
+                let bytes = records.iter().map(Record::size).sum();
+                while !self.spool.has_room_for(bytes) {
+                    let dropped = self.spool.drop_oldest();
+                    if dropped == 0 {
+                        break;
+                    }
+                    self.count_drop("spool_full_oldest", dropped);
+                }
+                match self.spool.push(records) {
+                    Ok(()) => {}
+                    Err(rest) => {
+                        records = rest;
+                        self.count_drop("spool_full_newest", records.len());
+                    }
+                }
+            }
+            FullPolicy::DropNewest => self.count_drop("spool_full_newest", records.len()),
+        }
+        // Dropped records are done as well; reported once what precedes them is durable.
+        self.spooled_through = self.spooled_through.max(last_seq);
+        self.update_status();
+        true
+    }
+
+    /// Moves a held batch into the spool once there is room.
+    async fn unhold(&mut self) {
+        if let Some(batch) = self.held.take()
+            && self.spool_records(batch.records)
+        {
+            self.flush_spool().await;
+        }
+    }
+
+    /// Fsyncs the spool, then reports the spooled messages done — unless some are in memory
+    /// only while acknowledgements depend on the disk.
+    async fn flush_spool(&mut self) {
+        let durable = self.spool.flush().await;
+        if durable || !self.config.spool.persist_all {
+            self.acks.done_through(self.spooled_through);
+        }
+    }
+
+    fn count_drop(&mut self, reason: &str, records: usize) {
+        if records == 0 {
+            return;
+        }
+        self.metrics.dropped(reason, records);
+        self.drops_unlogged += records;
+        let now = Instant::now();
+        if self
+            .drop_logged_at
+            .is_none_or(|at| now.duration_since(at) >= DROP_LOG_INTERVAL)
+        {
+            error!(
+                records = self.drops_unlogged, reason,
+                policy = ?self.config.spool.full_policy,
+                "Spool full: records dropped (counted in bridge_records_dropped_total)."
+            );
+            self.drops_unlogged = 0;
+            self.drop_logged_at = Some(now);
+        }
+    }
+
+    fn enter_failing(&mut self, reason: &str, records: usize) {
+        self.failing_since.get_or_insert_with(Instant::now);
+        self.state = State::Failing {
+            retry_at: Instant::now() + self.config.retry_interval,
+        };
         self.metrics.state.set(1);
-        self.metrics.memory_records.set(held.len() as i64);
-        self.metrics
-            .memory_bytes
-            .set(held.iter().map(Record::size).sum::<usize>() as i64);
-        self.status.send_replace(KafkaStatus {
-            failing: true,
-            last_error: Some(reason.to_owned()),
-            full: true,
+        self.status.send_modify(|s| {
+            s.failing = true;
+            s.last_error = Some(reason.to_owned());
         });
+        self.update_status();
         warn!(
-            error = %reason, records = held.len(), retry_in = ?self.config.retry_interval,
-            "Kafka delivery failed, holding records and retrying."
+            error = %reason, spooled_records = records, retry_in = ?self.config.retry_interval,
+            "Kafka delivery failed; spooling and retrying."
         );
     }
 
-    fn leave_failing(&mut self) {
-        if self.status.borrow().failing {
-            self.metrics.state.set(0);
-            self.metrics.memory_records.set(0);
-            self.metrics.memory_bytes.set(0);
-            self.status.send_replace(KafkaStatus::default());
-            info!("Kafka accepts writes again.");
+    /// Kafka took a write after failing.
+    fn kafka_back(&mut self) {
+        if self.failing_since.is_some() {
+            self.add_failing_time();
+            self.failing_since = None;
+            info!(
+                spooled_records = self.spool.records(),
+                "Kafka accepts writes again; draining."
+            );
+        }
+        self.metrics.state.set(0);
+        self.status.send_modify(|s| {
+            s.failing = false;
+            s.last_error = None;
+        });
+    }
+
+    fn add_failing_time(&mut self) {
+        if let Some(since) = self.failing_since {
+            let now = Instant::now();
+            self.metrics
+                .failing_seconds
+                .inc_by(now.duration_since(since).as_secs_f64());
+            self.failing_since = Some(now);
+        }
+    }
+
+    fn update_status(&self) {
+        let full = self.held.is_some() || self.spool.is_full(self.typical_batch_bytes.max(1));
+        self.status.send_if_modified(|s| {
+            let changed = s.full != full;
+            s.full = full;
+            changed
+        });
+    }
+
+    /// Input closed: settle what is in flight within the grace period, then save everything
+    /// Kafka has not confirmed to disk.
+    async fn shutdown(mut self) {
+        let deadline = Instant::now() + self.config.shutdown_grace;
+        let mut unconfirmed: Vec<Record> = Vec::new();
+        while let Some(head) = self.in_flight.front_mut() {
+            let settled = tokio::time::timeout_at(deadline, head.settle(&self.metrics)).await;
+            if settled.is_err() {
+                break;
+            }
+            let unit = self.in_flight.pop_front().expect("head exists");
+            match (&unit.origin, unit.failure.is_some()) {
+                (Origin::Direct, false) => self.acks.done_through(unit.last_seq()),
+                (Origin::Spool { last_id }, false) => self.spool.remove_through(*last_id),
+                (Origin::Direct, true) => {
+                    unconfirmed.extend(unit.undelivered());
+                    break;
+                }
+                (Origin::Spool { .. }, true) => break,
+            }
+        }
+        for unit in std::mem::take(&mut self.in_flight) {
+            if matches!(unit.origin, Origin::Direct) {
+                unconfirmed.extend(if unit.is_settled() {
+                    unit.undelivered()
+                } else {
+                    unit.records
+                });
+            }
+        }
+        if let Some(held) = self.held.take() {
+            unconfirmed.extend(held.records);
+        }
+        if !unconfirmed.is_empty() {
+            let count = unconfirmed.len();
+            self.spool.push_unbounded(unconfirmed);
+            debug!(records = count, "Unconfirmed records spooled at shutdown.");
+        }
+        let lost = self.spool.persist_memory().await;
+        let saved = self.spool.records();
+        if lost > 0 {
+            error!(
+                records = lost,
+                "No usable disk spool: records held in memory are lost."
+            );
+        } else if saved > 0 {
+            warn!(
+                records = saved,
+                "Kafka task stopped; undelivered records are in the disk spool for the next start."
+            );
+        } else {
+            info!("Kafka task stopped: everything was delivered.");
+        }
+        self.add_failing_time();
+    }
+
+    /// Creates missing topics before a write, once; `false` while that fails.
+    async fn ensure_topics(&mut self) -> bool {
+        if self.topics_ready {
+            return true;
+        }
+        match self.create_topics().await {
+            Ok(()) => true,
+            Err(e) => {
+                self.metrics.error("create_topic");
+                warn!(error = %e, "Kafka topics cannot be created yet.");
+                false
+            }
         }
     }
 
@@ -311,6 +717,15 @@ impl KafkaSink {
             ))),
         }
     }
+}
+
+fn drop_too_large(metrics: &KafkaMetrics, record: &Record, error: &RdKafkaError) {
+    metrics.error("too_large");
+    metrics.dropped("too_large", 1);
+    error!(
+        mqtt_topic = %record.key, bytes = record.value.len(), error = %error,
+        "Record larger than Kafka accepts, dropped."
+    );
 }
 
 /// Errors after which the record can never be written, however often it is tried.

@@ -11,7 +11,7 @@ use mkb_bridge::QoS;
 use rumqttc::v5::mqttbytes::v5 as mqtt5;
 use rumqttc::{Transport, v5};
 
-use crate::MqttConfig;
+use crate::{AckMode, MqttConfig};
 
 /// MQTT protocol version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub(crate) enum Incoming {
         topic: String,
         payload: Bytes,
         qos: QoS,
+        /// Packet identifier, needed to acknowledge QoS 1/2 messages.
+        pkid: u16,
     },
     /// One entry per filter of the SUBSCRIBE: the granted QoS, or why it was refused.
     SubAck(Vec<Result<QoS, String>>),
@@ -58,8 +60,9 @@ pub(crate) enum Connection {
     },
 }
 
-/// Requests queued on the client before the event loop sends them (subscribe, disconnect).
-const REQUEST_CAPACITY: usize = 16;
+/// Requests queued on the client before the event loop sends them: acknowledgements for a full
+/// in-flight window (MQTT allows up to 65,535), plus subscribe and disconnect.
+const REQUEST_CAPACITY: usize = 65_535 + 16;
 
 impl Connection {
     pub(crate) fn new(config: &MqttConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
@@ -75,6 +78,7 @@ impl Connection {
                     .set_transport(transport)
                     .set_keep_alive(config.keep_alive)
                     .set_clean_session(config.clean_session)
+                    .set_manual_acks(config.ack_mode == AckMode::AfterWrite)
                     .set_max_packet_size(config.max_packet_size, config.max_packet_size);
                 if let Some(credentials) = &config.credentials {
                     options.set_credentials(&credentials.username, &credentials.password);
@@ -93,6 +97,7 @@ impl Connection {
                     .set_transport(transport)
                     .set_keep_alive(config.keep_alive)
                     .set_clean_start(config.clean_session)
+                    .set_manual_acks(config.ack_mode == AckMode::AfterWrite)
                     // The broker drops messages larger than this instead of sending them.
                     .set_max_packet_size(Some(max_packet))
                     .set_receive_maximum(Some(config.receive_maximum));
@@ -149,6 +154,23 @@ impl Connection {
         }
     }
 
+    /// Queues the acknowledgement (PUBACK, or PUBREC for QoS 2) of a received message, without
+    /// waiting; `false` when the request channel is full.
+    pub(crate) fn ack(&self, qos: QoS, pkid: u16) -> bool {
+        match self {
+            Self::V311 { client, .. } => {
+                let mut publish = rumqttc::Publish::new("", qos_311(qos), Vec::new());
+                publish.pkid = pkid;
+                client.try_ack(&publish).is_ok()
+            }
+            Self::V5 { client, .. } => {
+                let mut publish = mqtt5::Publish::new("", qos_5(qos), Vec::new(), None);
+                publish.pkid = pkid;
+                client.try_ack(&publish).is_ok()
+            }
+        }
+    }
+
     /// Queues a DISCONNECT, without waiting.
     pub(crate) fn disconnect(&self) -> bool {
         match self {
@@ -165,6 +187,7 @@ fn incoming_311(event: rumqttc::Event) -> Incoming {
             topic: publish.topic,
             payload: publish.payload,
             qos: qos_from_311(publish.qos),
+            pkid: publish.pkid,
         },
         Event::Incoming(Packet::ConnAck(connack)) => Incoming::ConnAck {
             session_present: connack.session_present,
@@ -193,6 +216,7 @@ fn incoming_5(event: v5::Event) -> Incoming {
             topic: String::from_utf8_lossy(&publish.topic).into_owned(),
             payload: publish.payload,
             qos: qos_from_5(publish.qos),
+            pkid: publish.pkid,
         },
         Event::Incoming(Packet::ConnAck(connack)) => Incoming::ConnAck {
             session_present: connack.session_present,

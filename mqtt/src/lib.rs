@@ -16,5 +16,5 @@ mod tls;
 pub use backoff::Backoff;
 pub use connection::MqttVersion;
 pub use metrics::MqttMetrics;
-pub use source::{Credentials, MqttConfig, MqttSource, MqttStatus};
+pub use source::{AckMode, Credentials, INTAKE_LIMIT_BYTES, MqttConfig, MqttSource, MqttStatus};
 pub use tls::{TlsConfig, TlsError, TlsFile};

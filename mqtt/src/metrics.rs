@@ -1,6 +1,9 @@
 //! Metrics of the MQTT task. Metric names live here and nowhere else.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    exponential_buckets,
+};
 
 /// Counters and gauges of the MQTT connection, registered in the bridge's registry.
 #[derive(Clone)]
@@ -11,6 +14,14 @@ pub struct MqttMetrics {
     /// 1 once the broker granted every topic filter on the current connection.
     pub subscribed: IntGauge,
     pub reconnects: IntCounter,
+    /// QoS 1/2 messages received and not yet acknowledged to the broker.
+    pub awaiting_ack: IntGauge,
+    /// Receipt to acknowledgement, per QoS 1/2 message.
+    pub ack_latency: Histogram,
+    /// Messages waiting in the intake queue for room in the pipeline.
+    pub intake: IntGauge,
+    /// Messages dropped because the intake queue was full.
+    pub dropped_intake_full: IntCounter,
 }
 
 impl MqttMetrics {
@@ -34,6 +45,32 @@ impl MqttMetrics {
             "bridge_mqtt_reconnects_total",
             "Failed or lost MQTT connections that were retried.",
         )?;
+        let awaiting_ack = IntGauge::new(
+            "bridge_mqtt_messages_awaiting_ack",
+            "QoS 1/2 messages received and not yet acknowledged to the broker.",
+        )?;
+        let ack_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "bridge_mqtt_ack_latency_seconds",
+                "Time from receipt to acknowledgement of QoS 1/2 messages.",
+            )
+            .buckets(exponential_buckets(0.0005, 2.0, 16)?),
+        )?;
+        let intake = IntGauge::new(
+            "bridge_mqtt_intake_messages",
+            "Messages received and waiting for room in the pipeline.",
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "bridge_mqtt_messages_dropped_total",
+                "MQTT messages dropped before reaching the pipeline, by reason.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(awaiting_ack.clone()))?;
+        registry.register(Box::new(ack_latency.clone()))?;
+        registry.register(Box::new(intake.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
         registry.register(Box::new(received.clone()))?;
         registry.register(Box::new(connected.clone()))?;
         registry.register(Box::new(subscribed.clone()))?;
@@ -43,6 +80,10 @@ impl MqttMetrics {
             connected,
             subscribed,
             reconnects,
+            awaiting_ack,
+            ack_latency,
+            intake,
+            dropped_intake_full: dropped.with_label_values(&["intake_full"]),
         })
     }
 

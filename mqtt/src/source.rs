@@ -2,15 +2,28 @@
 //! serviced from one place, and it never awaits a client request from that loop (requests are
 //! queued with `try_` calls): awaiting one while the request channel is full would deadlock.
 //!
+//! **The connection is always polled.** When the pipeline is full, received messages wait in a
+//! small intake queue instead of stopping the loop, so keep-alive never starves. With
+//! `after-write` acknowledgements the broker sends no more than its in-flight window before it
+//! sees acks, which bounds that queue for QoS 1/2; QoS 0 has no flow control, so QoS 0
+//! messages (and, in `on-receipt` mode, all messages) beyond [`INTAKE_LIMIT_BYTES`] are dropped
+//! and counted.
+//!
+//! **Acknowledgements** (`after-write`): each message is numbered; QoS 1/2 messages are
+//! remembered in receipt order and acknowledged once the Kafka side reports them done (see
+//! `mkb_bridge::acks`). After a reconnect the broker sends unacknowledged messages again, so the
+//! remembered ones of the old connection are forgotten, not acknowledged.
+//!
 //! It reports its state on a watch channel ([`MqttStatus`]) for readiness, and reconnects
 //! forever: the only way out of the loop is the shutdown signal.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mkb_bridge::{Message, QoS};
+use mkb_bridge::{AckWatermark, Message, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -57,6 +70,18 @@ pub struct MqttConfig {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    pub ack_mode: AckMode,
+    /// How long a shutdown waits for the acknowledgements of messages already passed on.
+    pub shutdown_grace: Duration,
+}
+
+/// When QoS 1/2 messages are acknowledged to the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckMode {
+    /// Once Kafka or the fsynced disk spool holds the message: a crash loses nothing.
+    AfterWrite,
+    /// On arrival, as other bridges do: faster, but a crash loses what was in flight.
+    OnReceipt,
 }
 
 /// The MQTT connection's state, as readiness needs it.
@@ -69,15 +94,41 @@ pub struct MqttStatus {
     pub last_error: Option<String>,
 }
 
+/// Bytes of messages the intake queue holds before it drops QoS 0 (or `on-receipt`) messages.
+pub const INTAKE_LIMIT_BYTES: usize = 16 * 1024 * 1024;
+
+/// How long a shutdown waits for the broker to close the connection after DISCONNECT.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+
+/// A received QoS 1/2 message waiting for its acknowledgement.
+struct Unacked {
+    seq: u64,
+    qos: QoS,
+    pkid: u16,
+    received_at: Instant,
+}
+
 /// The MQTT client task; see the module documentation.
 pub struct MqttSource {
     config: MqttConfig,
     metrics: MqttMetrics,
     status: watch::Sender<MqttStatus>,
+    /// Receipt number of the last message taken off the connection.
+    last_seq: u64,
+    /// Messages received but not yet handed on (the pipeline was full).
+    intake: VecDeque<Message>,
+    intake_bytes: usize,
+    /// QoS 1/2 messages of this connection not yet acknowledged, in receipt order.
+    unacked: VecDeque<Unacked>,
 }
 
-/// How long a shutdown waits for the broker to close the connection after DISCONNECT.
-const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+/// What woke the task up.
+enum Wake {
+    Shutdown,
+    Done(Option<u64>),
+    Room(mpsc::OwnedPermit<Message>),
+    Connection(Result<Incoming, PollError>),
+}
 
 impl MqttSource {
     pub fn new(config: MqttConfig, metrics: MqttMetrics) -> Self {
@@ -86,6 +137,10 @@ impl MqttSource {
             config,
             metrics,
             status,
+            last_seq: 0,
+            intake: VecDeque::new(),
+            intake_bytes: 0,
+            unacked: VecDeque::new(),
         }
     }
 
@@ -94,47 +149,58 @@ impl MqttSource {
         self.status.subscribe()
     }
 
-    /// Runs until `shutdown` completes, then disconnects and drops `output`.
-    pub async fn run(self, output: mpsc::Sender<Message>, shutdown: impl Future<Output = ()>) {
-        let config = &self.config;
-        let broker = format!("{}:{}", config.host, config.port);
-        let mut connection = Connection::new(config, config.tls.clone());
-        let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    /// Runs until `shutdown` completes, then drains and disconnects. `done` is the Kafka side's
+    /// report of finished messages (used with `after-write` acknowledgements).
+    pub async fn run(
+        mut self,
+        output: mpsc::Sender<Message>,
+        mut done: AckWatermark,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let broker = format!("{}:{}", self.config.host, self.config.port);
+        let mut connection = Connection::new(&self.config, self.config.tls.clone());
+        let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
+        let mut acks_open = self.config.ack_mode == AckMode::AfterWrite;
         tokio::pin!(shutdown);
 
         loop {
-            let event = tokio::select! {
+            let wake = tokio::select! {
                 biased;
-                () = &mut shutdown => break,
-                event = connection.poll() => event,
+                () = &mut shutdown => Wake::Shutdown,
+                watermark = done.changed(), if acks_open => Wake::Done(watermark),
+                permit = output.clone().reserve_owned(), if !self.intake.is_empty() => match permit {
+                    Ok(permit) => Wake::Room(permit),
+                    Err(_closed) => Wake::Shutdown,
+                },
+                event = connection.poll() => Wake::Connection(event),
             };
-            match event {
-                Ok(Incoming::Publish {
-                    topic,
-                    payload,
-                    qos,
-                }) => {
-                    if !self.forward(&output, topic, payload, qos).await {
-                        return;
-                    }
+            match wake {
+                Wake::Shutdown => break,
+                Wake::Done(Some(watermark)) => self.acknowledge(&connection, watermark),
+                Wake::Done(None) => acks_open = false,
+                Wake::Room(permit) => {
+                    let message = self.intake.pop_front().expect("intake was not empty");
+                    self.intake_bytes -= message.payload.len();
+                    permit.send(message);
+                    self.forward_intake(&output);
                 }
-                Ok(Incoming::ConnAck { session_present }) => {
-                    backoff.reset();
-                    self.metrics.connected.set(1);
-                    self.status.send_modify(|s| s.connected = true);
-                    info!(
-                        broker = %broker, client_id = %config.client_id, session_present,
-                        "Connected to MQTT broker."
-                    );
-                    // Subscribing again when the session survived is harmless and covers a
-                    // changed filter list between runs.
-                    if let Err(e) = connection.subscribe(&config.filters, config.qos) {
-                        error!(error = %e, "Could not queue the MQTT subscription.");
+                Wake::Connection(Ok(incoming)) => match incoming {
+                    Incoming::Publish {
+                        topic,
+                        payload,
+                        qos,
+                        pkid,
+                    } => {
+                        self.receive(&output, topic, payload, qos, pkid);
                     }
-                }
-                Ok(Incoming::SubAck(granted)) => self.on_suback(&granted),
-                Ok(Incoming::Disconnected | Incoming::Other) => {}
-                Err(e) => {
+                    Incoming::ConnAck { session_present } => {
+                        backoff.reset();
+                        self.on_connected(&connection, &broker, session_present);
+                    }
+                    Incoming::SubAck(granted) => self.on_suback(&granted),
+                    Incoming::Disconnected | Incoming::Other => {}
+                },
+                Wake::Connection(Err(e)) => {
                     let delay = backoff.next_delay();
                     self.on_connection_error(&broker, &e, delay);
                     tokio::select! {
@@ -145,31 +211,127 @@ impl MqttSource {
             }
         }
 
+        info!("MQTT task stopping: draining.");
+        match self.config.ack_mode {
+            AckMode::OnReceipt => self.drain_on_receipt(&mut connection, &output).await,
+            AckMode::AfterWrite => {
+                self.drain_after_write(&mut connection, output, &mut done)
+                    .await;
+            }
+        }
         self.set_disconnected(None);
-        self.drain(&mut connection, &output).await;
         info!("MQTT task stopped.");
     }
 
-    /// Hands one message on; `false` when the rest of the pipeline is gone.
-    async fn forward(
-        &self,
+    /// Numbers a message and passes it on, or queues it while the pipeline is full.
+    fn receive(
+        &mut self,
         output: &mpsc::Sender<Message>,
         topic: String,
         payload: bytes::Bytes,
         qos: QoS,
-    ) -> bool {
+        pkid: u16,
+    ) {
         self.metrics.received(qos).inc();
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        let received_at = Instant::now();
+        let deferred = self.config.ack_mode == AckMode::AfterWrite && qos != QoS::AtMostOnce;
+        if deferred {
+            self.unacked.push_back(Unacked {
+                seq,
+                qos,
+                pkid,
+                received_at,
+            });
+            self.metrics.awaiting_ack.set(self.unacked.len() as i64);
+        }
         let message = Message {
+            seq,
             topic,
             payload,
             qos,
-            received_at: Instant::now(),
+            received_at,
         };
-        if output.send(message).await.is_err() {
-            error!("Batcher stopped before the MQTT task; no longer reading MQTT.");
-            return false;
+        if self.intake.is_empty() {
+            match output.try_send(message) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(message)) => self.queue(message, deferred),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    error!("Pipeline stopped before the MQTT task; message not passed on.");
+                }
+            }
+        } else {
+            self.queue(message, deferred);
         }
-        true
+    }
+
+    /// Keeps a message in the intake queue, or drops it (counted) when the queue is full and
+    /// nothing else limits what the broker sends.
+    fn queue(&mut self, message: Message, flow_controlled: bool) {
+        let bytes = message.payload.len();
+        if !flow_controlled && self.intake_bytes + bytes > INTAKE_LIMIT_BYTES {
+            self.metrics.dropped_intake_full.inc();
+            return;
+        }
+        self.intake_bytes += bytes;
+        self.intake.push_back(message);
+        self.metrics.intake.set(self.intake.len() as i64);
+    }
+
+    /// Passes on queued messages while the pipeline has room.
+    fn forward_intake(&mut self, output: &mpsc::Sender<Message>) {
+        while let Some(message) = self.intake.pop_front() {
+            let bytes = message.payload.len();
+            match output.try_send(message) {
+                Ok(()) => self.intake_bytes -= bytes,
+                Err(
+                    mpsc::error::TrySendError::Full(message)
+                    | mpsc::error::TrySendError::Closed(message),
+                ) => {
+                    self.intake.push_front(message);
+                    break;
+                }
+            }
+        }
+        self.metrics.intake.set(self.intake.len() as i64);
+    }
+
+    /// Acknowledges, in receipt order, every remembered message up to `watermark`.
+    fn acknowledge(&mut self, connection: &Connection, watermark: u64) {
+        while let Some(front) = self.unacked.front() {
+            if front.seq > watermark {
+                break;
+            }
+            if !connection.ack(front.qos, front.pkid) {
+                // The request channel is full: the rest goes with the next watermark.
+                warn!("MQTT request queue full; acknowledgements delayed.");
+                break;
+            }
+            self.metrics
+                .ack_latency
+                .observe(front.received_at.elapsed().as_secs_f64());
+            self.unacked.pop_front();
+        }
+        self.metrics.awaiting_ack.set(self.unacked.len() as i64);
+    }
+
+    fn on_connected(&mut self, connection: &Connection, broker: &str, session_present: bool) {
+        // The broker sends every unacknowledged message again on the new connection; acking
+        // the old packet ids would not name the right messages.
+        self.unacked.clear();
+        self.metrics.awaiting_ack.set(0);
+        self.metrics.connected.set(1);
+        self.status.send_modify(|s| s.connected = true);
+        info!(
+            broker = %broker, client_id = %self.config.client_id, session_present,
+            "Connected to MQTT broker."
+        );
+        // Subscribing again when the session survived is harmless and covers a changed
+        // filter list between runs.
+        if let Err(e) = connection.subscribe(&self.config.filters, self.config.qos) {
+            error!(error = %e, "Could not queue the MQTT subscription.");
+        }
     }
 
     fn on_suback(&self, granted: &[Result<QoS, String>]) {
@@ -216,32 +378,93 @@ impl MqttSource {
         });
     }
 
-    /// Sends DISCONNECT and keeps reading until the broker closes the connection, so messages
-    /// it had already sent are passed on rather than left in the socket.
-    async fn drain(&self, connection: &mut Connection, output: &mpsc::Sender<Message>) {
-        if !connection.disconnect() {
-            return;
-        }
-        let drained = tokio::time::timeout(DISCONNECT_GRACE, async {
-            loop {
-                match connection.poll().await {
-                    Ok(Incoming::Publish {
+    /// `on-receipt`: everything received is already acknowledged, so nothing may be left
+    /// behind. Sends DISCONNECT, passes on what the broker had already sent until it closes
+    /// the connection, then hands on the intake queue.
+    async fn drain_on_receipt(
+        &mut self,
+        connection: &mut Connection,
+        output: &mpsc::Sender<Message>,
+    ) {
+        if connection.disconnect() {
+            let closed = tokio::time::timeout(DISCONNECT_GRACE, async {
+                while let Ok(incoming) = connection.poll().await {
+                    if let Incoming::Publish {
                         topic,
                         payload,
                         qos,
-                    }) => {
-                        if !self.forward(output, topic, payload, qos).await {
-                            return;
-                        }
+                        pkid,
+                    } = incoming
+                    {
+                        self.receive(output, topic, payload, qos, pkid);
                     }
-                    Ok(_) => {}
-                    Err(_closed) => return,
                 }
+            })
+            .await;
+            if closed.is_err() {
+                debug!("MQTT broker did not close the connection after DISCONNECT in time.");
             }
-        })
-        .await;
-        if drained.is_err() {
-            debug!("MQTT broker did not close the connection after DISCONNECT in time.");
+        }
+        for message in self.intake.drain(..) {
+            if output.send(message).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    /// `after-write`: hands on the intake queue and closes the pipeline's input (so the open
+    /// batch is sent), then keeps the connection up to acknowledge everything passed on as the
+    /// Kafka side finishes it. Messages arriving meanwhile are neither passed on nor
+    /// acknowledged: the broker keeps them for the next start.
+    async fn drain_after_write(
+        &mut self,
+        connection: &mut Connection,
+        output: mpsc::Sender<Message>,
+        done: &mut AckWatermark,
+    ) {
+        let last_passed_on = self.last_seq;
+        for message in self.intake.drain(..) {
+            if output.send(message).await.is_err() {
+                break;
+            }
+        }
+        drop(output);
+        let grace = tokio::time::sleep(self.config.shutdown_grace);
+        tokio::pin!(grace);
+        let mut watermark = done.get();
+        self.acknowledge(connection, watermark);
+        while watermark < last_passed_on && !self.unacked.is_empty() {
+            tokio::select! {
+                () = &mut grace => {
+                    warn!(
+                        unacknowledged = self.unacked.len(),
+                        "Shutdown grace ended before every message was acknowledged; the broker \
+                         will send those again."
+                    );
+                    break;
+                }
+                changed = done.changed() => match changed {
+                    Some(w) => {
+                        watermark = w;
+                        self.acknowledge(connection, watermark);
+                    }
+                    None => break,
+                },
+                // Keep the connection serviced so the acknowledgements go out.
+                polled = connection.poll() => if polled.is_err() { break },
+            }
+        }
+        // Let the queued acknowledgements and the DISCONNECT go out.
+        if connection.disconnect() {
+            let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
+                loop {
+                    match connection.poll().await {
+                        Ok(Incoming::Disconnected) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
         }
     }
 }

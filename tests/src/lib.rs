@@ -121,11 +121,22 @@ pub struct RunningBridge {
     pub health_addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), mqtt_kafka_bridge::Error>>,
+    /// The spool directory, when the test left it to the harness.
+    _spool: Option<tempfile::TempDir>,
 }
 
 impl RunningBridge {
     /// Starts a bridge (probe and topic creation included) and returns once it reads MQTT.
-    pub async fn start(config: Config) -> Result<Self, mqtt_kafka_bridge::Error> {
+    /// A relative `SPOOL_DIR` (the default) is replaced by a temporary directory.
+    pub async fn start(mut config: Config) -> Result<Self, mqtt_kafka_bridge::Error> {
+        let spool = match &mut config.kafka.spool.dir {
+            Some(dir) if dir.is_relative() => {
+                let temp = tempfile::tempdir().expect("temp dir for the spool");
+                *dir = temp.path().join("spool");
+                Some(temp)
+            }
+            _ => None,
+        };
         let bridge = Bridge::start(config).await?;
         let health_addr = bridge.health_addr();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -136,6 +147,7 @@ impl RunningBridge {
             health_addr,
             stop: Some(stop),
             task,
+            _spool: spool,
         })
     }
 

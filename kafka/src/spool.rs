@@ -1,0 +1,852 @@
+//! The outage spool: records Kafka could not take, kept in order until it can.
+//!
+//! # Tiers and order
+//! A FIFO of *entries* (one batch of records each, numbered by a rising `id`) in two tiers:
+//! memory up to `memory_bytes`, then disk up to `disk_bytes`. Every memory entry is older than
+//! every disk entry: once anything is on disk, new entries go to disk until it is empty again.
+//! Reading therefore takes memory first, then disk, in `id` order. With `persist_all` (the
+//! at-least-once mode) entries skip memory and go straight to disk, because only fsynced
+//! records may be acknowledged to the MQTT broker.
+//!
+//! Entries leave the spool only through [`Spool::remove_through`], after Kafka acknowledged
+//! them, or through the full policy's `drop-oldest` (counted). A drain that fails halfway leaves
+//! everything in place.
+//!
+//! # On disk
+//! A sled database in `SPOOL_DIR`, tree `batches`: key = entry id as 8 big-endian bytes (so
+//! sled's order is spool order), value =
+//! `"MKB1"` · record count (u32 LE) · per record: key length (u32 LE), key, value length
+//! (u32 LE), value · CRC-32 of everything before it (u32 LE).
+//! Inserts are not durable until [`Spool::flush`] (sled's `flush_async`, an fsync); the Kafka
+//! task flushes after each group of inserts and only then acknowledges their messages.
+//! sled's page cache is capped at 8 MiB and its background flushing is off.
+//!
+//! # Recovery
+//! At start-up the spool opens what a previous run left, counts it, and the Kafka task drains it
+//! before new traffic. Damage never stops the bridge and is never silent:
+//! - a database sled cannot open (garbage, truncated files, or a panic inside sled) is moved
+//!   aside to `SPOOL_DIR.corrupt-<unix time>` for an operator, logged as an error, and a fresh
+//!   spool is started;
+//! - an entry whose header or checksum is wrong is moved to the `quarantine` tree of the same
+//!   database, counted in `bridge_spool_corrupt_entries_total` and logged;
+//! - a directory that cannot be created or opened at all, and a failed write or fsync (disk
+//!   full), leave the bridge with the memory tier only, logged as an error; the disk is tried
+//!   again at the next start.
+
+use std::collections::VecDeque;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+
+use mkb_bridge::Record;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::metrics::SpoolMetrics;
+
+/// What to do when both tiers are full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Take nothing more: the MQTT broker keeps the messages.
+    Block,
+    /// Drop the oldest spooled entries to make room.
+    DropOldest,
+    /// Drop what arrives.
+    DropNewest,
+}
+
+/// Limits and place of the spool.
+#[derive(Clone, Debug)]
+pub struct SpoolConfig {
+    /// Where the disk tier lives; `None` disables it.
+    pub dir: Option<PathBuf>,
+    pub memory_bytes: usize,
+    pub disk_bytes: usize,
+    pub full_policy: FullPolicy,
+    /// Every entry goes to disk, none is kept in memory only (at-least-once).
+    pub persist_all: bool,
+}
+
+/// One spooled batch.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub id: u64,
+    pub records: Vec<Record>,
+}
+
+/// See the module documentation.
+pub struct Spool {
+    config: SpoolConfig,
+    metrics: SpoolMetrics,
+    memory: VecDeque<Entry>,
+    memory_bytes: usize,
+    disk: Option<Disk>,
+    next_id: u64,
+}
+
+struct Disk {
+    db: sled::Db,
+    batches: sled::Tree,
+    quarantine: sled::Tree,
+    bytes: usize,
+    records: usize,
+    /// Inserts since the last fsync.
+    dirty: bool,
+}
+
+const MAGIC: &[u8; 4] = b"MKB1";
+const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
+impl Spool {
+    /// Opens the spool, recovering what a previous run left on disk. Never fails: damage is
+    /// handled as the module documentation says.
+    pub async fn open(config: SpoolConfig, metrics: SpoolMetrics) -> Self {
+        let disk = match &config.dir {
+            Some(dir) if config.disk_bytes > 0 => {
+                Disk::open_or_recover(dir.clone(), &metrics).await
+            }
+            _ => None,
+        };
+        let next_id = disk
+            .as_ref()
+            .and_then(|d| d.batches.last().ok().flatten())
+            .map_or(1, |(key, _)| id_of(&key) + 1);
+        let spool = Self {
+            config,
+            metrics,
+            memory: VecDeque::new(),
+            memory_bytes: 0,
+            disk,
+            next_id,
+        };
+        spool.update_gauges();
+        if let Some(disk) = &spool.disk
+            && disk.records > 0
+        {
+            info!(
+                records = disk.records,
+                bytes = disk.bytes,
+                "Disk spool from a previous run found; it drains before new traffic."
+            );
+        }
+        spool
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.memory.is_empty() && self.disk.as_ref().is_none_or(|d| d.records == 0)
+    }
+
+    /// Records held in both tiers.
+    pub fn records(&self) -> usize {
+        self.memory.iter().map(|e| e.records.len()).sum::<usize>()
+            + self.disk.as_ref().map_or(0, |d| d.records)
+    }
+
+    /// Whether an entry of `bytes` would fit in either tier now.
+    pub fn has_room_for(&self, bytes: usize) -> bool {
+        self.fits_memory(bytes) || self.fits_disk(bytes)
+    }
+
+    /// Whether nothing more fits (for readiness); assumes an entry of `typical_bytes`.
+    pub fn is_full(&self, typical_bytes: usize) -> bool {
+        !self.has_room_for(typical_bytes)
+    }
+
+    /// Whether the disk tier is in use (open and not failed).
+    pub fn has_disk(&self) -> bool {
+        self.disk.is_some()
+    }
+
+    fn fits_memory(&self, bytes: usize) -> bool {
+        !self.config.persist_all
+            && self.disk.as_ref().is_none_or(|d| d.records == 0)
+            && self.memory_bytes + bytes <= self.config.memory_bytes
+    }
+
+    fn fits_disk(&self, bytes: usize) -> bool {
+        self.disk
+            .as_ref()
+            .is_some_and(|d| d.bytes + bytes <= self.config.disk_bytes)
+    }
+
+    /// Appends `records` as one entry. Hands them back when there is no room (the caller
+    /// applies the full policy). With `persist_all` and no usable disk, memory takes them:
+    /// nothing acknowledges them until Kafka has them.
+    pub fn push(&mut self, records: Vec<Record>) -> Result<(), Vec<Record>> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let bytes = entry_size(&records);
+        let memory_room = self.memory_bytes + bytes <= self.config.memory_bytes;
+        let to_disk = if self.config.persist_all {
+            match (self.fits_disk(bytes), self.disk.is_none() && memory_room) {
+                (true, _) => true,
+                (false, true) => false,
+                (false, false) => return Err(records),
+            }
+        } else if self.fits_memory(bytes) {
+            false
+        } else if self.fits_disk(bytes) {
+            true
+        } else {
+            return Err(records);
+        };
+        let id = self.next_id;
+        let count = records.len();
+        if to_disk {
+            let disk = self.disk.as_mut().expect("fits_disk checked the disk tier");
+            if let Err(e) = disk.batches.insert(id.to_be_bytes(), encode(&records)) {
+                self.disk_failed("write", &e);
+                return self.push(records);
+            }
+            disk.bytes += bytes;
+            disk.records += count;
+            disk.dirty = true;
+        } else {
+            self.memory.push_back(Entry { id, records });
+            self.memory_bytes += bytes;
+        }
+        self.next_id += 1;
+        self.metrics.spooled.inc_by(count as u64);
+        self.update_gauges();
+        Ok(())
+    }
+
+    /// Makes every insert so far durable (fsync). Returns whether everything spooled is now
+    /// on disk, i.e. nothing is held in memory only.
+    pub async fn flush(&mut self) -> bool {
+        if let Some(disk) = &mut self.disk
+            && disk.dirty
+        {
+            let started = Instant::now();
+            match disk.db.flush_async().await {
+                Ok(_) => {
+                    disk.dirty = false;
+                    self.metrics.fsync.observe(started.elapsed().as_secs_f64());
+                }
+                Err(e) => self.disk_failed("fsync", &e),
+            }
+        }
+        self.memory.is_empty() && self.disk.is_some()
+    }
+
+    /// The oldest entries after entry `after` (0 for the very first), up to `max_records`
+    /// records in all but at least one entry. Corrupt disk entries met on the way are moved to
+    /// quarantine and skipped.
+    pub fn read_after(&mut self, after: u64, max_records: usize) -> Vec<Entry> {
+        let mut chunk = Vec::new();
+        let mut total = 0;
+        for entry in self.memory.iter().filter(|e| e.id > after) {
+            if total > 0 && total + entry.records.len() > max_records {
+                return chunk;
+            }
+            total += entry.records.len();
+            chunk.push(entry.clone());
+        }
+        let Some(disk) = &mut self.disk else {
+            return chunk;
+        };
+        let mut corrupt = Vec::new();
+        for item in disk
+            .batches
+            .range((Bound::Excluded(after.to_be_bytes()), Bound::Unbounded))
+        {
+            let (key, value) = match item {
+                Ok(item) => item,
+                Err(e) => {
+                    error!(error = %e, "Cannot read the disk spool; will try again.");
+                    break;
+                }
+            };
+            let id = id_of(&key);
+            match decode(&value) {
+                Some(records) => {
+                    if total > 0 && total + records.len() > max_records {
+                        break;
+                    }
+                    total += records.len();
+                    chunk.push(Entry { id, records });
+                }
+                None => corrupt.push((key, value)),
+            }
+            if total >= max_records {
+                break;
+            }
+        }
+        for (key, value) in corrupt {
+            self.quarantine(&key, &value);
+        }
+        chunk
+    }
+
+    /// Forgets every entry up to and including `id` (delivered to Kafka).
+    pub fn remove_through(&mut self, id: u64) {
+        let removed = self.remove_entries_through(id);
+        self.metrics.drained.inc_by(removed as u64);
+        self.update_gauges();
+    }
+
+    /// Removes entries up to and including `id`; returns their records.
+    fn remove_entries_through(&mut self, id: u64) -> usize {
+        let mut removed = 0;
+        while self.memory.front().is_some_and(|e| e.id <= id) {
+            let entry = self.memory.pop_front().expect("front exists");
+            self.memory_bytes -= entry_size(&entry.records);
+            removed += entry.records.len();
+        }
+        if let Some(disk) = &mut self.disk {
+            let mut keys = Vec::new();
+            for item in disk.batches.range(..=id.to_be_bytes()) {
+                match item {
+                    Ok((key, value)) => keys.push((key, value)),
+                    Err(e) => {
+                        error!(error = %e, "Cannot read the disk spool while removing.");
+                        break;
+                    }
+                }
+            }
+            for (key, value) in keys {
+                if let Err(e) = disk.batches.remove(&key) {
+                    error!(error = %e, "Cannot remove a delivered entry from the disk spool.");
+                    break;
+                }
+                disk.bytes = disk.bytes.saturating_sub(value.len());
+                let records = record_count(&value).unwrap_or(0);
+                disk.records = disk.records.saturating_sub(records);
+                disk.dirty = true;
+                removed += records;
+            }
+        }
+        removed
+    }
+
+    /// Drops the oldest entry (full policy `drop-oldest`); returns how many records it held.
+    pub fn drop_oldest(&mut self) -> usize {
+        if let Some(id) = self.memory.front().map(|e| e.id) {
+            let count = self.remove_entries_through(id);
+            self.update_gauges();
+            return count;
+        }
+        let Some(disk) = &mut self.disk else {
+            return 0;
+        };
+        match disk.batches.pop_min() {
+            Ok(Some((_, value))) => {
+                disk.bytes = disk.bytes.saturating_sub(value.len());
+                let count = record_count(&value).unwrap_or(0);
+                disk.records = disk.records.saturating_sub(count);
+                disk.dirty = true;
+                self.update_gauges();
+                count
+            }
+            Ok(None) => 0,
+            Err(e) => {
+                self.disk_failed("drop", &e);
+                0
+            }
+        }
+    }
+
+    /// At shutdown: appends records whatever the quotas say (they have nowhere else to go).
+    pub fn push_unbounded(&mut self, records: Vec<Record>) {
+        if records.is_empty() {
+            return;
+        }
+        let bytes = entry_size(&records);
+        let count = records.len();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.metrics.spooled.inc_by(count as u64);
+        if let Some(disk) = &mut self.disk
+            && self.memory.is_empty()
+            && disk
+                .batches
+                .insert(id.to_be_bytes(), encode(&records))
+                .is_ok()
+        {
+            disk.bytes += bytes;
+            disk.records += count;
+            disk.dirty = true;
+        } else {
+            self.memory.push_back(Entry { id, records });
+            self.memory_bytes += bytes;
+        }
+        self.update_gauges();
+    }
+
+    /// At shutdown: writes the memory tier to disk (ignoring the disk quota: these records have
+    /// nowhere else to go) and fsyncs. Returns the records that could not be saved.
+    pub async fn persist_memory(&mut self) -> usize {
+        let Some(disk) = &mut self.disk else {
+            return self.memory.iter().map(|e| e.records.len()).sum();
+        };
+        while let Some(entry) = self.memory.pop_front() {
+            let bytes = entry_size(&entry.records);
+            if let Err(e) = disk
+                .batches
+                .insert(entry.id.to_be_bytes(), encode(&entry.records))
+            {
+                error!(error = %e, "Cannot write the memory spool to disk at shutdown.");
+                self.memory.push_front(entry);
+                break;
+            }
+            self.memory_bytes -= bytes;
+            disk.bytes += bytes;
+            disk.records += entry.records.len();
+            disk.dirty = true;
+        }
+        self.flush().await;
+        self.update_gauges();
+        self.memory.iter().map(|e| e.records.len()).sum()
+    }
+
+    fn quarantine(&mut self, key: &[u8], value: &[u8]) {
+        let Some(disk) = &mut self.disk else { return };
+        error!(
+            entry = id_of(key),
+            bytes = value.len(),
+            "Corrupt entry in the disk spool (bad header or checksum); moved to quarantine."
+        );
+        self.metrics.corrupt.inc();
+        let moved = disk
+            .quarantine
+            .insert(key, value)
+            .and_then(|_| disk.batches.remove(key));
+        if let Err(e) = moved {
+            error!(error = %e, "Cannot quarantine the corrupt entry.");
+        }
+        disk.bytes = disk.bytes.saturating_sub(value.len());
+        disk.records = disk
+            .records
+            .saturating_sub(record_count(value).unwrap_or(0));
+        disk.dirty = true;
+        self.update_gauges();
+    }
+
+    /// A write or fsync failed (disk full, I/O error): stop using the disk until restart.
+    fn disk_failed(&mut self, what: &str, error: &sled::Error) {
+        if let Some(disk) = self.disk.take() {
+            error!(
+                error = %error, records_on_disk = disk.records,
+                "Disk spool {what} failed; continuing with the memory tier only. \
+                 Records already on disk stay there for the next start."
+            );
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        self.metrics
+            .memory_records
+            .set(self.memory.iter().map(|e| e.records.len()).sum::<usize>() as i64);
+        self.metrics.memory_bytes.set(self.memory_bytes as i64);
+        let (records, bytes) = self.disk.as_ref().map_or((0, 0), |d| (d.records, d.bytes));
+        self.metrics.disk_records.set(records as i64);
+        self.metrics.disk_bytes.set(bytes as i64);
+        self.metrics
+            .disk_available
+            .set(i64::from(self.disk.is_some()));
+    }
+}
+
+impl Disk {
+    /// Opens the database at `dir`; on damage moves it aside and starts a fresh one.
+    async fn open_or_recover(dir: PathBuf, metrics: &SpoolMetrics) -> Option<Self> {
+        match open_blocking(dir.clone()).await {
+            Ok(disk) => return Some(disk),
+            Err(reason) if dir.is_dir() => {
+                let aside = PathBuf::from(format!(
+                    "{}.corrupt-{}",
+                    dir.display(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                ));
+                match std::fs::rename(&dir, &aside) {
+                    Ok(()) => {
+                        metrics.corrupt.inc();
+                        error!(
+                            spool = %dir.display(), moved_to = %aside.display(), reason = %reason,
+                            "Disk spool cannot be opened; moved aside for inspection (its \
+                             records were not delivered) and starting a fresh spool."
+                        );
+                    }
+                    Err(e) => {
+                        error!(
+                            spool = %dir.display(), reason = %reason, error = %e,
+                            "Disk spool cannot be opened nor moved aside; running with the \
+                             memory tier only."
+                        );
+                        return None;
+                    }
+                }
+            }
+            Err(reason) => {
+                error!(
+                    spool = %dir.display(), reason = %reason,
+                    "Disk spool cannot be created; running with the memory tier only."
+                );
+                return None;
+            }
+        }
+        match open_blocking(dir.clone()).await {
+            Ok(disk) => Some(disk),
+            Err(reason) => {
+                error!(spool = %dir.display(), reason = %reason,
+                    "Fresh disk spool cannot be created; running with the memory tier only.");
+                None
+            }
+        }
+    }
+}
+
+/// Opens and scans the database on a blocking thread, turning a panic inside sled into an error.
+async fn open_blocking(dir: PathBuf) -> Result<Disk, String> {
+    let opened = tokio::task::spawn_blocking(move || open_and_scan(&dir)).await;
+    match opened {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => Err("sled panicked while opening it".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn open_and_scan(dir: &Path) -> Result<Disk, String> {
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| e.to_string())?;
+    let batches = db.open_tree("batches").map_err(|e| e.to_string())?;
+    let quarantine = db.open_tree("quarantine").map_err(|e| e.to_string())?;
+    let mut disk = Disk {
+        db,
+        batches,
+        quarantine,
+        bytes: 0,
+        records: 0,
+        dirty: false,
+    };
+    let mut bad = Vec::new();
+    for item in disk.batches.iter() {
+        let (key, value) = item.map_err(|e| e.to_string())?;
+        match record_count(&value) {
+            Some(count) if key.len() == 8 => {
+                disk.bytes += value.len();
+                disk.records += count;
+            }
+            _ => bad.push((key, value)),
+        }
+    }
+    for (key, value) in bad {
+        warn!(
+            bytes = value.len(),
+            "Disk spool entry with a bad header; moved to quarantine."
+        );
+        disk.quarantine
+            .insert(&key, value)
+            .map_err(|e| e.to_string())?;
+        disk.batches.remove(&key).map_err(|e| e.to_string())?;
+    }
+    Ok(disk)
+}
+
+fn id_of(key: &[u8]) -> u64 {
+    key.try_into().map_or(0, u64::from_be_bytes)
+}
+
+/// Bytes an entry counts against its tier's quota: what it takes on disk.
+fn entry_size(records: &[Record]) -> usize {
+    MAGIC.len()
+        + 8
+        + records
+            .iter()
+            .map(|r| 8 + r.key.len() + r.value.len())
+            .sum::<usize>()
+}
+
+fn encode(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entry_size(records));
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    for record in records {
+        out.extend_from_slice(&(record.key.len() as u32).to_le_bytes());
+        out.extend_from_slice(record.key.as_bytes());
+        out.extend_from_slice(&(record.value.len() as u32).to_le_bytes());
+        out.extend_from_slice(&record.value);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// The record count from an entry's header, `None` when the header is not ours.
+fn record_count(value: &[u8]) -> Option<usize> {
+    if value.len() < MAGIC.len() + 8 || &value[..4] != MAGIC {
+        return None;
+    }
+    let count = u32::from_le_bytes(value[4..8].try_into().ok()?);
+    Some(count as usize)
+}
+
+fn decode(value: &[u8]) -> Option<Vec<Record>> {
+    let count = record_count(value)?;
+    let (body, crc) = value.split_at(value.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let mut rest = &body[8..];
+    let take = |rest: &mut &[u8]| -> Option<Vec<u8>> {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let bytes = rest.get(4..4 + len)?.to_vec();
+        *rest = &rest[4 + len..];
+        Some(bytes)
+    };
+    let loaded_at = Instant::now();
+    let mut records = Vec::with_capacity(count);
+    for _ in 0..count {
+        let key = String::from_utf8(take(&mut rest)?).ok()?;
+        let value = take(&mut rest)?;
+        records.push(Record {
+            seq: 0,
+            key,
+            value,
+            received_at: loaded_at,
+        });
+    }
+    rest.is_empty().then_some(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> SpoolMetrics {
+        crate::KafkaMetrics::new(&prometheus::Registry::new())
+            .expect("metrics register")
+            .spool
+    }
+
+    fn records(from: u64, count: u64) -> Vec<Record> {
+        (from..from + count)
+            .map(|n| Record {
+                seq: n,
+                key: format!("topic/{}", n % 3),
+                value: format!("payload {n:05}").into_bytes(),
+                received_at: Instant::now(),
+            })
+            .collect()
+    }
+
+    fn config(dir: &Path, memory_bytes: usize, disk_bytes: usize) -> SpoolConfig {
+        SpoolConfig {
+            dir: Some(dir.join("spool")),
+            memory_bytes,
+            disk_bytes,
+            full_policy: FullPolicy::Block,
+            persist_all: false,
+        }
+    }
+
+    /// Every payload in the spool, oldest first.
+    fn contents(spool: &mut Spool) -> Vec<String> {
+        spool
+            .read_after(0, usize::MAX)
+            .into_iter()
+            .flat_map(|e| e.records)
+            .map(|r| String::from_utf8(r.value).expect("utf-8"))
+            .collect()
+    }
+
+    fn payloads(from: u64, count: u64) -> Vec<String> {
+        (from..from + count)
+            .map(|n| format!("payload {n:05}"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn entries_come_back_in_order_across_memory_and_disk() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let one_entry = entry_size(&records(0, 10));
+        let mut spool = Spool::open(config(dir.path(), one_entry * 2, 1 << 20), metrics()).await;
+        for batch in 0..6 {
+            spool.push(records(batch * 10, 10)).expect("room");
+        }
+        assert_eq!(spool.memory.len(), 2, "memory takes the first two");
+        assert_eq!(spool.disk.as_ref().map(|d| d.records), Some(40));
+        assert_eq!(contents(&mut spool), payloads(0, 60));
+
+        // Memory frees up, but new entries still go behind the disk ones.
+        let first_two = spool.read_after(0, 20);
+        spool.remove_through(first_two.last().expect("entries").id);
+        spool.push(records(60, 10)).expect("room");
+        assert!(spool.memory.is_empty());
+        assert_eq!(contents(&mut spool), payloads(20, 50));
+    }
+
+    #[tokio::test]
+    async fn reads_are_chunked_and_a_cursor_continues_where_the_last_ended() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut spool = Spool::open(config(dir.path(), 0, 1 << 20), metrics()).await;
+        for batch in 0..5 {
+            spool.push(records(batch * 10, 10)).expect("room");
+        }
+        let first = spool.read_after(0, 25);
+        assert_eq!(first.iter().map(|e| e.records.len()).sum::<usize>(), 20);
+        let second = spool.read_after(first.last().expect("entries").id, 25);
+        assert_eq!(second.len(), 2);
+        assert_eq!(second[0].records[0].value, b"payload 00020");
+        // A chunk holds at least one entry, even one larger than the chunk size.
+        assert_eq!(spool.read_after(0, 1).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn full_spool_hands_records_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let one_entry = entry_size(&records(0, 10));
+        let mut spool = Spool::open(config(dir.path(), one_entry, one_entry * 2), metrics()).await;
+        for batch in 0..3 {
+            spool.push(records(batch * 10, 10)).expect("room");
+        }
+        assert!(spool.is_full(one_entry));
+        let back = spool.push(records(30, 10)).expect_err("full");
+        assert_eq!(back.len(), 10);
+        // As drop-oldest does: drop until there is room. Freeing memory is not enough while
+        // older entries sit on disk (new ones must go behind them), so two entries go.
+        let mut dropped = 0;
+        while !spool.has_room_for(entry_size(&back)) {
+            dropped += spool.drop_oldest();
+        }
+        assert_eq!(dropped, 20);
+        spool.push(back).expect("room after dropping the oldest");
+        assert_eq!(contents(&mut spool), payloads(20, 20));
+    }
+
+    #[tokio::test]
+    async fn spool_replays_records_after_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let mut spool = Spool::open(config(dir.path(), 0, 1 << 20), metrics()).await;
+            for batch in 0..3 {
+                spool.push(records(batch * 10, 10)).expect("room");
+            }
+            let first = spool.read_after(0, 10);
+            spool.remove_through(first[0].id);
+            assert!(spool.flush().await, "all on disk");
+        }
+        let mut reopened = Spool::open(config(dir.path(), 0, 1 << 20), metrics()).await;
+        assert_eq!(reopened.records(), 20);
+        assert_eq!(contents(&mut reopened), payloads(10, 20));
+        // New entries are numbered after the old ones.
+        reopened.push(records(30, 10)).expect("room");
+        assert_eq!(contents(&mut reopened), payloads(10, 30));
+    }
+
+    #[tokio::test]
+    async fn memory_tier_is_written_to_disk_at_shutdown() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let mut spool = Spool::open(config(dir.path(), 1 << 20, 1 << 20), metrics()).await;
+            spool.push(records(0, 10)).expect("room");
+            assert!(!spool.flush().await, "held in memory only");
+            spool.push_unbounded(records(10, 5));
+            assert_eq!(spool.persist_memory().await, 0);
+        }
+        let mut reopened = Spool::open(config(dir.path(), 1 << 20, 1 << 20), metrics()).await;
+        assert_eq!(contents(&mut reopened), payloads(0, 15));
+    }
+
+    #[tokio::test]
+    async fn persist_all_skips_the_memory_tier() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = config(dir.path(), 1 << 20, 1 << 20);
+        config.persist_all = true;
+        let mut spool = Spool::open(config, metrics()).await;
+        spool.push(records(0, 10)).expect("room");
+        assert!(spool.memory.is_empty());
+        assert!(spool.flush().await, "durable after the fsync");
+    }
+
+    #[tokio::test]
+    async fn corrupt_entry_is_quarantined_and_the_rest_is_read() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut spool = Spool::open(config(dir.path(), 0, 1 << 20), metrics()).await;
+        for batch in 0..3 {
+            spool.push(records(batch * 10, 10)).expect("room");
+        }
+        // Flip one byte of the middle entry's payload: the checksum no longer matches.
+        let disk = spool.disk.as_ref().expect("disk tier");
+        let mut value = disk
+            .batches
+            .get(2u64.to_be_bytes())
+            .expect("read")
+            .expect("entry")
+            .to_vec();
+        value[20] ^= 0xff;
+        disk.batches
+            .insert(2u64.to_be_bytes(), value)
+            .expect("write");
+
+        assert_eq!(
+            contents(&mut spool),
+            [payloads(0, 10), payloads(20, 10)].concat()
+        );
+        assert_eq!(spool.metrics.corrupt.get(), 1);
+        assert_eq!(spool.records(), 20);
+        let quarantined = spool.disk.as_ref().expect("disk").quarantine.len();
+        assert_eq!(quarantined, 1, "kept for an operator, not deleted");
+    }
+
+    #[tokio::test]
+    async fn unreadable_database_is_moved_aside_and_a_fresh_spool_starts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spool_dir = dir.path().join("spool");
+        std::fs::create_dir(&spool_dir).expect("mkdir");
+        std::fs::write(spool_dir.join("conf"), b"\x00\xffnot sled at all").expect("write");
+        std::fs::write(spool_dir.join("db"), vec![0xa5; 4096]).expect("write");
+
+        let mut spool = Spool::open(config(dir.path(), 0, 1 << 20), metrics()).await;
+        assert!(spool.has_disk(), "a fresh disk tier");
+        assert!(spool.is_empty());
+        spool.push(records(0, 1)).expect("usable");
+        let moved: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("spool.corrupt-"))
+            .collect();
+        assert_eq!(moved.len(), 1, "the damaged spool is kept aside");
+        assert_eq!(spool.metrics.corrupt.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn spool_dir_that_cannot_be_created_leaves_the_memory_tier() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").expect("write");
+        let config = SpoolConfig {
+            dir: Some(file.join("spool")),
+            ..config(dir.path(), 1 << 20, 1 << 20)
+        };
+        let mut spool = Spool::open(config, metrics()).await;
+        assert!(!spool.has_disk());
+        spool.push(records(0, 10)).expect("memory tier works");
+        assert_eq!(spool.records(), 10);
+    }
+
+    #[test]
+    fn entries_round_trip_and_damage_is_detected() {
+        let original = records(0, 5);
+        let encoded = encode(&original);
+        let decoded = decode(&encoded).expect("valid");
+        assert_eq!(decoded.len(), 5);
+        for (a, b) in original.iter().zip(&decoded) {
+            assert_eq!((&a.key, &a.value), (&b.key, &b.value));
+        }
+        assert_eq!(record_count(&encoded), Some(5));
+        let mut truncated = encoded.clone();
+        truncated.truncate(encoded.len() - 3);
+        assert!(decode(&truncated).is_none());
+        assert!(decode(b"MKB1").is_none());
+        assert!(record_count(b"garbage!!!!!!").is_none());
+    }
+}
