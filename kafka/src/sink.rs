@@ -30,7 +30,7 @@ use std::time::Duration;
 use mkb_bridge::{AckHandle, Batch, Record, envelope};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
@@ -81,7 +81,46 @@ enum Send {
     Delivered,
     /// Final error: counted and given up on.
     Dropped,
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why a record was not delivered.
+#[derive(Clone, Debug)]
+struct Failure {
+    code: Option<RDKafkaErrorCode>,
+    text: String,
+}
+
+impl Failure {
+    fn of(error: &RdKafkaError) -> Self {
+        Self {
+            code: error.rdkafka_error_code(),
+            text: error.to_string(),
+        }
+    }
+
+    fn other(text: &str) -> Self {
+        Self {
+            code: None,
+            text: text.to_owned(),
+        }
+    }
+
+    /// Errors after which this producer instance will not write again, though librdkafka does
+    /// not always flag them fatal: its idempotence state no longer matches the broker's.
+    fn breaks_the_producer(&self) -> bool {
+        matches!(
+            self.code,
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+                    | RDKafkaErrorCode::Fatal
+            )
+        )
+    }
 }
 
 /// A batch or spool chunk awaiting its delivery reports.
@@ -92,7 +131,7 @@ struct InFlight {
     /// Sends before this index are settled.
     settled: usize,
     /// The first failed record and why.
-    failure: Option<(usize, String)>,
+    failure: Option<(usize, Failure)>,
 }
 
 impl InFlight {
@@ -108,8 +147,8 @@ impl InFlight {
                         drop_too_large(metrics, &self.records[i], &e);
                         Send::Dropped
                     }
-                    Ok(Err((e, _))) => Send::Failed(e.to_string()),
-                    Err(_canceled) => Send::Failed("producer shut down".to_owned()),
+                    Ok(Err((e, _))) => Send::Failed(Failure::of(&e)),
+                    Err(_canceled) => Send::Failed(Failure::other("producer shut down")),
                 };
             }
             match &self.sends[i] {
@@ -315,7 +354,7 @@ impl KafkaSink {
     /// not tried, so nothing behind a failure overtakes it.
     async fn send(&self, origin: Origin, records: Vec<Record>) -> InFlight {
         let mut sends = Vec::with_capacity(records.len());
-        let mut failed: Option<String> = None;
+        let mut failed: Option<Failure> = None;
         for record in &records {
             if let Some(reason) = &failed {
                 sends.push(Send::Failed(reason.clone()));
@@ -352,7 +391,7 @@ impl KafkaSink {
                     drop_too_large(&self.metrics, record, &e);
                     return Send::Dropped;
                 }
-                Err((e, _)) => return Send::Failed(e.to_string()),
+                Err((e, _)) => return Send::Failed(Failure::of(&e)),
             }
         }
     }
@@ -411,7 +450,8 @@ impl KafkaSink {
                 break;
             };
             if !self.ensure_topics().await {
-                self.enter_failing("Kafka topics cannot be created", self.spool.records());
+                let failure = Failure::other("Kafka topics cannot be created");
+                self.enter_failing(&failure, self.spool.records());
                 return;
             }
             let records: Vec<Record> = chunk.into_iter().flat_map(|e| e.records).collect();
@@ -514,7 +554,9 @@ impl KafkaSink {
         }
     }
 
-    fn enter_failing(&mut self, reason: &str, records: usize) {
+    fn enter_failing(&mut self, failure: &Failure, records: usize) {
+        self.replace_producer(failure);
+        let reason = failure.text.as_str();
         self.failing_since.get_or_insert_with(Instant::now);
         self.state = State::Failing {
             retry_at: Instant::now() + self.config.retry_interval,
@@ -529,6 +571,36 @@ impl KafkaSink {
             error = %reason, spooled_records = records, retry_in = ?self.config.retry_interval,
             "Kafka delivery failed; spooling and retrying."
         );
+    }
+
+    /// Replaces the producer after a failed write. Its queued records are in the spool, and
+    /// keeping it would let librdkafka's idempotent producer bump its epoch locally for the
+    /// timed-out records (KIP-360): some Kafka-protocol brokers (tansu among them) fence it
+    /// for that, and a fatal error would stop it for good anyway. A fresh producer gets a new
+    /// producer id from the broker; duplicates of records the old one still delivers are
+    /// possible, loss is not.
+    fn replace_producer(&mut self, failure: &Failure) {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            self.metrics.error("fatal");
+            warn!(code = ?code, reason = %reason, "Kafka producer hit a fatal error.");
+        } else if failure.breaks_the_producer() {
+            self.metrics.error("fatal");
+        }
+        match self
+            .config
+            .client_config()
+            .create_with_context(BridgeContext)
+        {
+            Ok(producer) => {
+                let old = std::mem::replace(&mut self.producer, producer);
+                // Destroying a librdkafka client waits for its threads: not on this one.
+                tokio::task::spawn_blocking(move || drop(old));
+                debug!("Kafka producer replaced after a failed write.");
+            }
+            Err(e) => {
+                error!(error = %e, "A new Kafka producer cannot be built; keeping the old one.")
+            }
+        }
     }
 
     /// Kafka took a write after failing.

@@ -29,11 +29,18 @@ pub struct KafkaReader {
 impl KafkaReader {
     /// Assigns every partition of `topic` (which must exist within 20 s) from the beginning.
     pub async fn new(brokers: &str, topic: &str) -> Self {
-        let consumer: StreamConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        if let Ok(debug) = std::env::var("MKB_READER_DEBUG") {
+            config.set("debug", debug);
+        }
+        let consumer: StreamConsumer = config
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("mkb-test-{}", crate::unique()))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
+            // The bridge writes no transactions. tansu's last stable offset can stall after a
+            // producer is fenced and replaced, which read_committed would stop at.
+            .set("isolation.level", "read_uncommitted")
             .set("log.connection.close", "false")
             .create()
             .expect("create Kafka consumer");
@@ -91,6 +98,52 @@ impl KafkaReader {
             });
         }
         &self.received
+    }
+
+    /// Per partition: (last offset read, the broker's high watermark), for diagnosing stalls.
+    pub fn positions(&self) -> Vec<(i32, i64, i64)> {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return Vec::new();
+        };
+        assignment
+            .elements()
+            .iter()
+            .map(|tp| {
+                let read = self
+                    .received
+                    .iter()
+                    .filter(|r| r.partition == tp.partition())
+                    .map(|r| r.offset)
+                    .max()
+                    .unwrap_or(-1);
+                let high = self
+                    .consumer
+                    .fetch_watermarks(tp.topic(), tp.partition(), Duration::from_secs(5))
+                    .map_or(-1, |(_, high)| high);
+                (tp.partition(), read, high)
+            })
+            .collect()
+    }
+
+    /// Reads until `done` says so (given everything read so far) or `deadline` passed; returns
+    /// whether `done` was satisfied.
+    pub async fn read_until(
+        &mut self,
+        deadline: Duration,
+        mut done: impl FnMut(&[Received]) -> bool,
+    ) -> bool {
+        let give_up = tokio::time::Instant::now() + deadline;
+        while !done(&self.received) {
+            let remaining = give_up.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return false;
+            }
+            // Read in large steps: `done` may look at everything read so far.
+            let wanted = self.received.len() + 5000;
+            self.read_at_least(wanted, remaining.min(Duration::from_millis(300)))
+                .await;
+        }
+        true
     }
 
     /// Reads until `count` records were read, failing the test after `deadline`.

@@ -8,7 +8,9 @@
 pub mod certs;
 pub mod kafka;
 pub mod mqtt;
+pub mod numbered;
 pub mod process;
+pub mod proxy;
 pub mod servers;
 
 use std::future::Future;
@@ -21,6 +23,7 @@ use tokio::task::JoinHandle;
 pub use kafka::KafkaReader;
 pub use mqtt::Publisher;
 pub use process::BridgeProcess;
+pub use proxy::{Fault, FaultProxy};
 pub use servers::{ListenerTls, Mosquitto, MosquittoOptions, Tansu};
 
 /// Installs a test logger once; `MKB_TEST_LOG=debug` shows the bridge's logs.

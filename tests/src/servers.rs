@@ -194,6 +194,20 @@ pub struct Tansu {
 
 impl Tansu {
     pub fn start() -> Self {
+        Self::start_advertising(None)
+    }
+
+    /// Starts tansu behind a [`crate::FaultProxy`] that clients reach it through: tansu
+    /// advertises the proxy's address, so every connection, not just the first, goes through it.
+    pub async fn start_behind_proxy() -> (Self, crate::FaultProxy) {
+        let proxy_port = free_port();
+        let tansu = Self::start_advertising(Some(proxy_port));
+        let upstream = SocketAddr::from(([127, 0, 0, 1], tansu.port));
+        let proxy = crate::FaultProxy::start(proxy_port, upstream).await;
+        (tansu, proxy)
+    }
+
+    fn start_advertising(advertised_port: Option<u16>) -> Self {
         let cargo_bin = std::env::var_os("CARGO_HOME")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -203,13 +217,14 @@ impl Tansu {
         let binary = find_executable("tansu", &cargo_bin, TANSU_INSTALL);
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{}", advertised_port.unwrap_or(port));
         let mut child = Command::new(binary)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdin(Stdio::null())

@@ -1,0 +1,103 @@
+//! Numbered traffic for loss tests: a publisher that sends `0, 1, 2, …` as payloads over a few
+//! topics at a steady rate, and the check that every number reached Kafka, in order per topic.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::QoS;
+use tokio::task::JoinHandle;
+
+use crate::{KafkaReader, Publisher};
+
+/// Topic of message `n`: numbers are spread over three topics, `prefix/0` to `prefix/2`.
+pub fn topic_of(prefix: &str, n: u64) -> String {
+    format!("{prefix}/{}", n % 3)
+}
+
+/// Publishes `count` numbered messages at about `rate` per second (0: flat out) on a task.
+pub fn publish_numbered(
+    publisher: Arc<Publisher>,
+    prefix: &str,
+    count: u64,
+    rate: u64,
+    qos: QoS,
+) -> JoinHandle<()> {
+    let prefix = prefix.to_owned();
+    tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        for n in 0..count {
+            publisher
+                .publish(&topic_of(&prefix, n), n.to_string(), qos)
+                .await;
+            if rate > 0 && n % 10 == 9 {
+                // Keep to the rate on average: sleep until message n+1 is due.
+                let due = started + Duration::from_secs_f64((n + 1) as f64 / rate as f64);
+                tokio::time::sleep_until(due).await;
+            }
+        }
+    })
+}
+
+/// What a loss check found.
+#[derive(Debug)]
+pub struct Delivery {
+    pub distinct: usize,
+    pub duplicates: usize,
+}
+
+/// Reads until every number below `count` arrived (failing the test after `deadline` with the
+/// missing ones), then checks that per topic the last copies of the numbers are in publish
+/// order. Duplicates are allowed; loss and reordering are not.
+pub async fn expect_all_numbers(
+    reader: &mut KafkaReader,
+    count: u64,
+    deadline: Duration,
+) -> Delivery {
+    let complete = reader
+        .read_until(deadline, |received| {
+            distinct_numbers(received).len() as u64 >= count
+        })
+        .await;
+    let seen = distinct_numbers(&reader.received);
+    if !complete {
+        let missing: Vec<u64> = (0..count).filter(|n| !seen.contains(n)).take(20).collect();
+        panic!(
+            "{} of {count} numbers reached Kafka within {deadline:?}; first missing: {missing:?}; \
+             (partition, last offset read, high watermark): {:?}",
+            seen.len(),
+            reader.positions()
+        );
+    }
+    // Per topic, walk backwards keeping first sightings: the last copies, newest first.
+    let mut last_copies: HashMap<&str, Vec<u64>> = HashMap::new();
+    let mut kept: HashSet<(&str, u64)> = HashSet::new();
+    for record in reader.received.iter().rev() {
+        let n = number(record);
+        if kept.insert((record.mqtt_topic.as_str(), n)) {
+            last_copies
+                .entry(record.mqtt_topic.as_str())
+                .or_default()
+                .push(n);
+        }
+    }
+    for (topic, newest_first) in &last_copies {
+        let in_order = newest_first.windows(2).all(|w| w[0] > w[1]);
+        assert!(in_order, "{topic}: last copies out of publish order");
+    }
+    Delivery {
+        distinct: seen.len(),
+        duplicates: reader.received.len() - seen.len(),
+    }
+}
+
+fn number(record: &crate::kafka::Received) -> u64 {
+    std::str::from_utf8(&record.payload)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a numbered payload: {:?}", record.payload))
+}
+
+fn distinct_numbers(received: &[crate::kafka::Received]) -> HashSet<u64> {
+    received.iter().map(number).collect()
+}
