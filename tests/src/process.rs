@@ -73,6 +73,27 @@ impl BridgeProcess {
         self.child.id()
     }
 
+    /// Peak resident memory (VmHWM) in bytes and CPU time used, from /proc.
+    pub fn resources(&self) -> Option<(u64, Duration)> {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let peak_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // The kernel reports CPU time in clock ticks of 1/100 s on Linux (USER_HZ).
+        Some((peak_kib * 1024, Duration::from_millis(ticks * 10)))
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")

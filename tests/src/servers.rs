@@ -69,6 +69,8 @@ pub struct MosquittoOptions {
     pub tls: Option<ListenerTls>,
     /// A single user allowed in; anonymous access is then off.
     pub user: Option<(String, String)>,
+    /// `max_inflight_messages` (Mosquitto's default, 20, when `None`).
+    pub max_inflight: Option<u16>,
 }
 
 /// A Mosquitto broker with a generated configuration in its own temporary directory.
@@ -119,6 +121,9 @@ impl Mosquitto {
              log_dest file {log}\nmax_queued_messages 100000\n",
             log = dir.join("mosquitto.log").display()
         );
+        if let Some(inflight) = options.max_inflight {
+            text.push_str(&format!("max_inflight_messages {inflight}\n"));
+        }
         if let Some(tls) = &options.tls {
             text.push_str(&format!(
                 "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n\

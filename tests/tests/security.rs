@@ -62,6 +62,7 @@ fn tls_broker(dir: &std::path::Path, require_certificate: bool) -> (Mosquitto, T
             require_certificate,
         }),
         user: None,
+        max_inflight: None,
     });
     (mqtt, ca)
 }
@@ -143,6 +144,7 @@ async fn right_credentials_work_and_wrong_ones_are_named() {
     let mqtt = Mosquitto::start_with(MosquittoOptions {
         tls: None,
         user: Some(("bridge".to_owned(), "s3cret".to_owned())),
+        max_inflight: None,
     });
     bridges_one_message(
         &mqtt,

@@ -1,0 +1,433 @@
+//! `mkb-bench`: what the bridge costs compared with not having it (SPEC §6).
+//!
+//! Starts Mosquitto, tansu and the bridge (built in this binary's profile: run it with
+//! `--release`), publishes N messages of S bytes from P connections, flat out or at a rate, and
+//! reads them back from Kafka. Each payload carries its publish time, so latency is measured
+//! from publish to the moment the benchmark's Kafka consumer receives the record. Then it runs
+//! the same load into a no-op MQTT subscriber that acknowledges at once (the baseline: what
+//! broker and publishers alone manage) and prints one table with the ratio.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mkb_bridge::envelope;
+use mkb_tests::{BridgeProcess, Mosquitto, MosquittoOptions, Tansu, bridge_env, unique};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::time::Instant;
+
+const USAGE: &str =
+    "usage: mkb-bench [--messages N] [--size BYTES] [--publishers P] [--rate MSG_PER_S]
+                 [--qos 0|1] [--mqtt-version 3.1.1|5] [--ack after-write|on-receipt]
+                 [--batch-size N] [--interval DURATION] [--inflight N] [--no-baseline]";
+
+#[derive(Clone, Debug)]
+struct Options {
+    messages: u64,
+    size: usize,
+    publishers: u64,
+    rate: u64,
+    qos: u8,
+    mqtt_version: String,
+    ack: String,
+    batch_size: String,
+    interval: String,
+    inflight: u16,
+    baseline: bool,
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        messages: 100_000,
+        size: 100,
+        publishers: 1,
+        rate: 0,
+        qos: 0,
+        mqtt_version: "3.1.1".to_owned(),
+        ack: "after-write".to_owned(),
+        batch_size: "1000".to_owned(),
+        interval: "5ms".to_owned(),
+        inflight: 20,
+        baseline: true,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if flag == "--no-baseline" {
+            o.baseline = false;
+            continue;
+        }
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{flag}: not a number: {value}"))
+        };
+        match flag.as_str() {
+            "--messages" => o.messages = number()?,
+            "--size" => o.size = number()? as usize,
+            "--publishers" => o.publishers = number()?.max(1),
+            "--rate" => o.rate = number()?,
+            "--qos" => o.qos = number()? as u8,
+            "--mqtt-version" => o.mqtt_version = value.clone(),
+            "--ack" => o.ack = value.clone(),
+            "--batch-size" => o.batch_size = value.clone(),
+            "--interval" => o.interval = value.clone(),
+            "--inflight" => o.inflight = number()? as u16,
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    if o.size < 16 {
+        return Err("--size must be at least 16 (the payload carries a timestamp)".to_owned());
+    }
+    Ok(o)
+}
+
+/// One run's figures.
+struct Figures {
+    seconds: f64,
+    received: u64,
+    latencies: Vec<Duration>,
+    rss: Option<u64>,
+    cpu: Option<Duration>,
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A payload of `size` bytes: publish time in microseconds, then the sequence number, then
+/// padding.
+fn payload(seq: u64, size: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(size);
+    bytes.extend_from_slice(&now_micros().to_le_bytes());
+    bytes.extend_from_slice(&seq.to_le_bytes());
+    bytes.resize(size, b'x');
+    bytes
+}
+
+fn latency_of(payload: &[u8]) -> Option<Duration> {
+    let sent = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
+    Some(Duration::from_micros(now_micros().saturating_sub(sent)))
+}
+
+/// Publishes the load from `publishers` connections; returns when every message was handed to
+/// the broker (and, for QoS 1, acknowledged).
+async fn publish(port: u16, o: &Options, topic_prefix: &str) {
+    let per_publisher = o.messages / o.publishers;
+    let qos = if o.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let mut tasks = Vec::new();
+    for p in 0..o.publishers {
+        let o = o.clone();
+        let topic = format!("{topic_prefix}/{p}");
+        tasks.push(tokio::spawn(async move {
+            let mut options =
+                MqttOptions::new(format!("bench-pub-{}", unique()), "127.0.0.1", port);
+            options
+                .set_inflight(1000)
+                .set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+            let acked = Arc::new(AtomicU64::new(0));
+            let loop_acked = acked.clone();
+            let driver = tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            loop_acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_)))
+                            if qos == QoS::AtMostOnce =>
+                        {
+                            loop_acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("publisher: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            });
+            let started = Instant::now();
+            let rate = o.rate / o.publishers;
+            for n in 0..per_publisher {
+                client
+                    .publish(&topic, qos, false, payload(n, o.size))
+                    .await
+                    .expect("publisher runs");
+                if rate > 0 && n % 10 == 9 {
+                    let due = started + Duration::from_secs_f64((n + 1) as f64 / rate as f64);
+                    tokio::time::sleep_until(due).await;
+                }
+            }
+            while acked.load(Ordering::Relaxed) < per_publisher {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            driver.abort();
+        }));
+    }
+    for task in tasks {
+        task.await.expect("publisher task");
+    }
+}
+
+/// Reads `expected` records from the topic, recording each one's latency.
+async fn read_kafka(
+    brokers: &str,
+    topic: &str,
+    expected: u64,
+    progress: Arc<AtomicU64>,
+) -> Vec<Duration> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-{}", unique()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .expect("create the benchmark's consumer");
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("valid offset");
+    consumer.assign(&assignment).expect("assign");
+    let mut latencies = Vec::with_capacity(expected as usize);
+    let mut idle_deadline = Instant::now() + Duration::from_secs(60);
+    while (latencies.len() as u64) < expected {
+        let Ok(next) = tokio::time::timeout_at(idle_deadline, consumer.recv()).await else {
+            eprintln!(
+                "Kafka: nothing new for 60 s; stopping at {} records",
+                latencies.len()
+            );
+            break;
+        };
+        let Ok(message) = next else { continue };
+        idle_deadline = Instant::now() + Duration::from_secs(60);
+        let Some(value) = message.payload() else {
+            continue;
+        };
+        if let Ok(decoded) = envelope::decode(value)
+            && let Some(latency) = latency_of(&decoded.payload)
+        {
+            latencies.push(latency);
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    latencies
+}
+
+fn spawn_progress(
+    label: &'static str,
+    total: u64,
+    done: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = done.load(Ordering::Relaxed);
+            eprintln!("  {label}: {now}/{total} received ({} msg/s)", now - last);
+            last = now;
+        }
+    })
+}
+
+async fn run_bridge(o: &Options) -> Figures {
+    let kafka = Tansu::start();
+    let mqtt = Mosquitto::start_with(MosquittoOptions {
+        max_inflight: Some(o.inflight),
+        ..MosquittoOptions::default()
+    });
+    let topic = format!("bench-{}", unique());
+    let qos = o.qos.to_string();
+    let env = bridge_env(
+        mqtt.port(),
+        kafka.port(),
+        &topic,
+        "bench/#",
+        &[
+            ("MQTT_QOS", &qos),
+            ("MQTT_VERSION", &o.mqtt_version),
+            ("MQTT_ACK", &o.ack),
+            ("MQTT_RECEIVE_MAXIMUM", "65535"),
+            ("KAFKA_BATCH_SIZE", &o.batch_size),
+            ("KAFKA_MAX_BATCH_SIZE", "100000"),
+            ("KAFKA_INTERVAL", &o.interval),
+            ("LOG_LEVEL", "warn"),
+        ],
+    );
+    let bridge = BridgeProcess::start(&env);
+    bridge.wait_subscribed().await;
+    let progress = Arc::new(AtomicU64::new(0));
+    let reporter = spawn_progress("bridge", o.messages, progress.clone());
+    let reader = tokio::spawn({
+        let (brokers, topic, expected) = (kafka.brokers(), topic.clone(), o.messages);
+        async move { read_kafka(&brokers, &topic, expected, progress).await }
+    });
+    let started = Instant::now();
+    publish(mqtt.port(), o, "bench").await;
+    let latencies = reader.await.expect("reader");
+    let seconds = started.elapsed().as_secs_f64();
+    reporter.abort();
+    let resources = bridge.resources();
+    Figures {
+        seconds,
+        received: latencies.len() as u64,
+        latencies,
+        rss: resources.map(|r| r.0),
+        cpu: resources.map(|r| r.1),
+    }
+}
+
+async fn run_baseline(o: &Options) -> Figures {
+    let mqtt = Mosquitto::start_with(MosquittoOptions {
+        max_inflight: Some(o.inflight),
+        ..MosquittoOptions::default()
+    });
+    let qos = if o.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let mut options = MqttOptions::new(format!("bench-sub-{}", unique()), "127.0.0.1", mqtt.port());
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    client.subscribe("bench/#", qos).await.expect("subscribe");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let progress = Arc::new(AtomicU64::new(0));
+    let expected = o.messages;
+    let subscriber = tokio::spawn({
+        let progress = progress.clone();
+        async move {
+            let mut ready = Some(ready_tx);
+            let mut latencies = Vec::with_capacity(expected as usize);
+            while (latencies.len() as u64) < expected {
+                match tokio::time::timeout(Duration::from_secs(60), eventloop.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(());
+                        }
+                    }
+                    Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                        if let Some(latency) = latency_of(&p.payload) {
+                            latencies.push(latency);
+                            progress.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => eprintln!("subscriber: {e}"),
+                    Err(_) => break,
+                }
+            }
+            latencies
+        }
+    });
+    let _ = ready_rx.await;
+    let reporter = spawn_progress("baseline", o.messages, progress);
+    let started = Instant::now();
+    publish(mqtt.port(), o, "bench").await;
+    let latencies = subscriber.await.expect("subscriber");
+    let seconds = started.elapsed().as_secs_f64();
+    reporter.abort();
+    Figures {
+        seconds,
+        received: latencies.len() as u64,
+        latencies,
+        rss: None,
+        cpu: None,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index]
+}
+
+fn row(name: &str, o: &Options, f: &mut Figures) -> String {
+    f.latencies.sort_unstable();
+    let rate = f.received as f64 / f.seconds;
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    format!(
+        "| {name} | {}/{} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
+        f.received,
+        o.messages,
+        rate,
+        rate * o.size as f64 / 1e6,
+        ms(percentile(&f.latencies, 0.5)),
+        ms(percentile(&f.latencies, 0.99)),
+        ms(f.latencies.last().copied().unwrap_or_default()),
+        f.rss
+            .map_or("—".to_owned(), |b| format!("{:.1} MB", b as f64 / 1e6)),
+        f.cpu
+            .map_or("—".to_owned(), |c| format!("{:.1}", c.as_secs_f64())),
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
+    let o = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mkb-bench: {e}\n{USAGE}");
+            std::process::exit(64);
+        }
+    };
+    if cfg!(debug_assertions) {
+        eprintln!("mkb-bench: built without --release; figures will be far below the bridge's.");
+    }
+    eprintln!("bridge run: {o:?}");
+    let mut bridge = run_bridge(&o).await;
+    let mut baseline = if o.baseline {
+        eprintln!("baseline run (no-op subscriber)");
+        Some(run_baseline(&o).await)
+    } else {
+        None
+    };
+
+    println!(
+        "\nmessages {} × {} B, {} publisher(s), rate {}, QoS {}, MQTT {}, ack {}, batch {}, interval {}, broker window {}",
+        o.messages,
+        o.size,
+        o.publishers,
+        if o.rate == 0 {
+            "flat out".to_owned()
+        } else {
+            format!("{}/s", o.rate)
+        },
+        o.qos,
+        o.mqtt_version,
+        o.ack,
+        o.batch_size,
+        o.interval,
+        o.inflight
+    );
+    println!(
+        "| run | received | msg/s | MB/s | p50 ms | p99 ms | max ms | bridge peak RSS | bridge CPU s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("{}", row("bridge → Kafka", &o, &mut bridge));
+    if let Some(baseline) = &mut baseline {
+        println!("{}", row("baseline (no-op subscriber)", &o, baseline));
+        let ratio = (bridge.received as f64 / bridge.seconds)
+            / (baseline.received as f64 / baseline.seconds);
+        println!("\nbridge / baseline throughput: {ratio:.2}");
+    }
+    if bridge.received < o.messages {
+        std::process::exit(1);
+    }
+}
