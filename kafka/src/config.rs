@@ -95,7 +95,8 @@ impl KafkaConfig {
             .set("bootstrap.servers", &self.brokers)
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
+            // The bridge batches already; librdkafka's own wait would only add latency.
+            .set("linger.ms", "1")
             .set("compression.type", "none")
             // librdkafka would otherwise buffer up to 1 GiB and retry for 5 minutes: both bounds
             // decide how much memory the bridge uses and how fast it notices an outage.

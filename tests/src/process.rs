@@ -6,31 +6,30 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Builds the bridge binary once per test run (a no-op when it is up to date) and returns it.
+/// Builds the bridge binary once per run (a no-op when it is up to date), in the profile this
+/// code was built in (release for the benchmark), and returns it.
 pub fn bridge_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "mqtt-kafka-bridge",
-                    "--bin",
-                    "mqtt-kafka-bridge",
-                ])
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "mqtt-kafka-bridge"]);
+            build.args(["--bin", "mqtt-kafka-bridge"]);
+            if !cfg!(debug_assertions) {
+                build.arg("--release");
+            }
+            let status = build
                 .status()
                 .expect("run cargo build for the bridge binary");
             assert!(status.success(), "cargo build of the bridge failed");
-            // The test executable lives in target/<profile>/deps/.
-            let exe = std::env::current_exe().expect("test executable path");
-            let profile_dir = exe
-                .parent()
-                .and_then(|deps| deps.parent())
-                .expect("test executable in target/<profile>/deps");
-            profile_dir.join("mqtt-kafka-bridge")
+            // Tests live in target/<profile>/deps/, binaries in target/<profile>/.
+            let exe = std::env::current_exe().expect("own executable path");
+            let mut dir = exe.parent().expect("executable in a directory");
+            if dir.ends_with("deps") {
+                dir = dir.parent().expect("deps has a parent");
+            }
+            dir.join("mqtt-kafka-bridge")
         })
         .clone()
 }
@@ -50,7 +49,8 @@ impl BridgeProcess {
         let port = crate::servers::free_port();
         let stdout = std::fs::File::create(dir.path().join("stdout")).expect("stdout file");
         let stderr = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
-        let mut command = Command::new(bridge_binary());
+        let binary = bridge_binary();
+        let mut command = Command::new(&binary);
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -61,7 +61,9 @@ impl BridgeProcess {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
-        let child = command.spawn().expect("spawn the bridge");
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the bridge {}: {e}", binary.display()));
         Self {
             child,
             dir,
@@ -141,6 +143,20 @@ impl BridgeProcess {
         drop(stream);
         let text = crate::http_get(self.health_addr, "/metrics").await;
         Some(crate::metric_value(&text, name))
+    }
+
+    /// Waits until `count` messages were received and every one is in the spool and
+    /// acknowledged: from then on the spool is the only place that holds them.
+    pub async fn wait_all_spooled(&self, count: u64) {
+        let what = format!("{count} messages spooled and acknowledged");
+        crate::eventually(Duration::from_secs(60), &what, || async {
+            let received = self.metric("bridge_mqtt_messages_received_total").await?;
+            let spooled = self.metric("bridge_spool_records").await?;
+            let awaiting = self.metric("bridge_mqtt_messages_awaiting_ack").await?;
+            let count = count as f64;
+            (received >= count && spooled >= count && awaiting == 0.0).then_some(())
+        })
+        .await;
     }
 
     /// Waits until the process holds its MQTT subscription.

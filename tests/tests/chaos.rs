@@ -177,17 +177,7 @@ async fn sigterm_during_an_outage_keeps_the_spool_for_the_next_start() {
         .await
         .expect("publisher");
     publisher.wait_acked(count).await;
-    // Wait until the bridge has acknowledged everything: then it is all in the disk spool.
-    eventually(
-        Duration::from_secs(60),
-        "every message spooled and acknowledged",
-        || async {
-            let spooled = first.metric("bridge_spool_records").await?;
-            let awaiting = first.metric("bridge_mqtt_messages_awaiting_ack").await?;
-            (spooled >= count as f64 && awaiting == 0.0).then_some(())
-        },
-    )
-    .await;
+    first.wait_all_spooled(count).await;
     first.terminate();
     let (status, first) =
         tokio::task::spawn_blocking(move || (first.wait(Duration::from_secs(15)), first))

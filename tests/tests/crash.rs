@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use mkb_tests::numbered::{expect_all_numbers, publish_numbered};
 use mkb_tests::{
-    BridgeProcess, Fault, KafkaReader, Mosquitto, Publisher, Tansu, bridge_env, eventually,
-    init_logging, unique,
+    BridgeProcess, Fault, KafkaReader, Mosquitto, Publisher, Tansu, bridge_env, init_logging,
+    unique,
 };
 use rumqttc::QoS;
 
@@ -99,17 +99,7 @@ async fn kill_9_during_an_outage_loses_nothing_held_only_on_disk() {
         .expect("publisher");
     publisher.wait_acked(count).await;
     // All acknowledged by the bridge: the broker has forgotten them, only the spool has them.
-    eventually(
-        Duration::from_secs(60),
-        "every message acknowledged from the spool",
-        || async {
-            let spooled = bridge.metric("bridge_spool_records").await?;
-            let awaiting = bridge.metric("bridge_mqtt_messages_awaiting_ack").await?;
-            let received = bridge.metric("bridge_mqtt_messages_received_total").await?;
-            (received >= count as f64 && spooled >= count as f64 && awaiting == 0.0).then_some(())
-        },
-    )
-    .await;
+    bridge.wait_all_spooled(count).await;
     bridge.kill();
 
     proxy.set(Fault::None);

@@ -21,7 +21,8 @@ use tokio::time::Instant;
 const USAGE: &str =
     "usage: mkb-bench [--messages N] [--size BYTES] [--publishers P] [--rate MSG_PER_S]
                  [--qos 0|1] [--mqtt-version 3.1.1|5] [--ack after-write|on-receipt]
-                 [--batch-size N] [--interval DURATION] [--inflight N] [--no-baseline]";
+                 [--batch-size N] [--interval DURATION] [--inflight N] [--no-baseline]
+                 [--outage]   (Kafka cut while publishing: measures spool write and drain rates)";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -36,6 +37,7 @@ struct Options {
     interval: String,
     inflight: u16,
     baseline: bool,
+    outage: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -51,11 +53,16 @@ fn parse(args: &[String]) -> Result<Options, String> {
         interval: "5ms".to_owned(),
         inflight: 20,
         baseline: true,
+        outage: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         if flag == "--no-baseline" {
             o.baseline = false;
+            continue;
+        }
+        if flag == "--outage" {
+            o.outage = true;
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -91,6 +98,8 @@ struct Figures {
     latencies: Vec<Duration>,
     rss: Option<u64>,
     cpu: Option<Duration>,
+    /// With `--outage`: seconds to spool everything, and to drain it once Kafka was back.
+    outage: Option<(f64, f64)>,
 }
 
 fn now_micros() -> u64 {
@@ -178,12 +187,14 @@ async fn publish(port: u16, o: &Options, topic_prefix: &str) {
     }
 }
 
-/// Reads `expected` records from the topic, recording each one's latency.
+/// Reads `expected` records from the topic, recording each one's latency. `ready` fires once
+/// the consumer is connected, so its start-up does not count as latency.
 async fn read_kafka(
     brokers: &str,
     topic: &str,
     expected: u64,
     progress: Arc<AtomicU64>,
+    ready: tokio::sync::oneshot::Sender<()>,
 ) -> Vec<Duration> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -199,6 +210,20 @@ async fn read_kafka(
         .expect("valid offset");
     consumer.assign(&assignment).expect("assign");
     let mut latencies = Vec::with_capacity(expected as usize);
+    let mut record = |message: &rdkafka::message::BorrowedMessage<'_>| {
+        if let Some(value) = message.payload()
+            && let Ok(decoded) = envelope::decode(value)
+            && let Some(latency) = latency_of(&decoded.payload)
+        {
+            latencies.push(latency);
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    // Returns once the consumer has connected and fetched (or read a record, kept too).
+    if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {
+        record(&message);
+    }
+    let _ = ready.send(());
     let mut idle_deadline = Instant::now() + Duration::from_secs(60);
     while (latencies.len() as u64) < expected {
         let Ok(next) = tokio::time::timeout_at(idle_deadline, consumer.recv()).await else {
@@ -239,17 +264,41 @@ fn spawn_progress(
     })
 }
 
+/// Polls one of the bridge's metrics until `done` holds; returns the seconds it took.
+async fn wait_metric(bridge: &BridgeProcess, name: &str, done: impl Fn(f64) -> bool) -> f64 {
+    let started = Instant::now();
+    loop {
+        if bridge.metric(name).await.is_some_and(&done) {
+            return started.elapsed().as_secs_f64();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn run_bridge(o: &Options) -> Figures {
-    let kafka = Tansu::start();
+    // The fault proxy copies every byte: only the outage run puts it in front of Kafka.
+    let (kafka, proxy) = if o.outage {
+        let (kafka, proxy) = Tansu::start_behind_proxy().await;
+        (kafka, Some(proxy))
+    } else {
+        (Tansu::start(), None)
+    };
+    let kafka_port = proxy.as_ref().map_or(kafka.port(), |p| p.port());
     let mqtt = Mosquitto::start_with(MosquittoOptions {
         max_inflight: Some(o.inflight),
         ..MosquittoOptions::default()
     });
     let topic = format!("bench-{}", unique());
     let qos = o.qos.to_string();
+    let max_batch = o
+        .batch_size
+        .parse::<u64>()
+        .unwrap_or(1000)
+        .max(8000)
+        .to_string();
     let env = bridge_env(
         mqtt.port(),
-        kafka.port(),
+        kafka_port,
         &topic,
         "bench/#",
         &[
@@ -258,21 +307,45 @@ async fn run_bridge(o: &Options) -> Figures {
             ("MQTT_ACK", &o.ack),
             ("MQTT_RECEIVE_MAXIMUM", "65535"),
             ("KAFKA_BATCH_SIZE", &o.batch_size),
-            ("KAFKA_MAX_BATCH_SIZE", "100000"),
+            ("KAFKA_MAX_BATCH_SIZE", &max_batch),
             ("KAFKA_INTERVAL", &o.interval),
-            ("LOG_LEVEL", "warn"),
+            ("LOG_LEVEL", "error"),
+            ("KAFKA_DELIVERY_TIMEOUT", "3s"),
+            ("KAFKA_RETRY_INTERVAL", "1s"),
+            ("SPOOL_DISK_BYTES", "4GiB"),
         ],
     );
     let bridge = BridgeProcess::start(&env);
     bridge.wait_subscribed().await;
+    let mut outage = None;
+    if let Some(proxy) = &proxy {
+        proxy.set(mkb_tests::Fault::Down);
+        let started = Instant::now();
+        publish(mqtt.port(), o, "bench").await;
+        let target = o.messages as f64;
+        eprintln!(
+            "  outage: waiting until all {} messages are spooled",
+            o.messages
+        );
+        wait_metric(&bridge, "bridge_spool_records", |n| n >= target).await;
+        let spooled = started.elapsed().as_secs_f64();
+        eprintln!("  outage: Kafka back, draining");
+        proxy.set(mkb_tests::Fault::None);
+        let drained = wait_metric(&bridge, "bridge_spool_records", |n| n == 0.0).await;
+        outage = Some((spooled, drained));
+    }
     let progress = Arc::new(AtomicU64::new(0));
     let reporter = spawn_progress("bridge", o.messages, progress.clone());
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn({
         let (brokers, topic, expected) = (kafka.brokers(), topic.clone(), o.messages);
-        async move { read_kafka(&brokers, &topic, expected, progress).await }
+        async move { read_kafka(&brokers, &topic, expected, progress, ready_tx).await }
     });
+    let _ = ready_rx.await;
     let started = Instant::now();
-    publish(mqtt.port(), o, "bench").await;
+    if !o.outage {
+        publish(mqtt.port(), o, "bench").await;
+    }
     let latencies = reader.await.expect("reader");
     let seconds = started.elapsed().as_secs_f64();
     reporter.abort();
@@ -283,6 +356,7 @@ async fn run_bridge(o: &Options) -> Figures {
         latencies,
         rss: resources.map(|r| r.0),
         cpu: resources.map(|r| r.1),
+        outage,
     }
 }
 
@@ -342,6 +416,7 @@ async fn run_baseline(o: &Options) -> Figures {
         latencies,
         rss: None,
         cpu: None,
+        outage: None,
     }
 }
 
@@ -392,7 +467,7 @@ async fn main() {
     }
     eprintln!("bridge run: {o:?}");
     let mut bridge = run_bridge(&o).await;
-    let mut baseline = if o.baseline {
+    let mut baseline = if o.baseline && !o.outage {
         eprintln!("baseline run (no-op subscriber)");
         Some(run_baseline(&o).await)
     } else {
@@ -421,6 +496,15 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     println!("{}", row("bridge → Kafka", &o, &mut bridge));
+    if let Some((spooled, drained)) = bridge.outage {
+        println!(
+            "\noutage: {} messages spooled to disk in {spooled:.1} s ({:.0} msg/s, publish to \
+             fsynced and acknowledged); drained in {drained:.1} s ({:.0} msg/s)",
+            o.messages,
+            o.messages as f64 / spooled,
+            o.messages as f64 / drained
+        );
+    }
     if let Some(baseline) = &mut baseline {
         println!("{}", row("baseline (no-op subscriber)", &o, baseline));
         let ratio = (bridge.received as f64 / bridge.seconds)
