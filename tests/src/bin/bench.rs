@@ -334,7 +334,10 @@ async fn run_bridge(o: &Options) -> Figures {
         proxy.set(mkb_tests::Fault::None);
         // The next retry comes within KAFKA_RETRY_INTERVAL; the drain is timed from there.
         let noticed = wait_metric(&bridge, "bridge_spool_records", |n| n < target).await;
-        let remaining = bridge.metric("bridge_spool_records").await.unwrap_or(target);
+        let remaining = bridge
+            .metric("bridge_spool_records")
+            .await
+            .unwrap_or(target);
         let drained = wait_metric(&bridge, "bridge_spool_records", |n| n == 0.0).await;
         eprintln!(
             "  outage: first records left the spool {noticed:.2} s after Kafka came back; \
