@@ -481,7 +481,7 @@ impl Parser<'_> {
 
         let client_id = get(&r.mqtt_client_id, "MQTT_CLIENT_ID").replace("%h", self.host_name);
         let tls = self.tls()?;
-        let mqtt = MqttConfig {
+        let mut mqtt = MqttConfig {
             host: host(get(&r.mqtt_broker, "MQTT_BROKER"), "MQTT_BROKER")?,
             port: match &r.mqtt_port {
                 Some(value) => port(value.trim(), "MQTT_PORT")?,
@@ -571,7 +571,7 @@ impl Parser<'_> {
                 format!("{host}:{port}")
             }
         };
-        let kafka = KafkaConfig {
+        let mut kafka = KafkaConfig {
             brokers,
             topic: kafka_topic(required(&r.kafka_topic, "KAFKA_TOPIC")?, "KAFKA_TOPIC")?,
             auto_create_topics: boolean(
@@ -667,8 +667,6 @@ impl Parser<'_> {
             get(&r.shutdown_timeout, "SHUTDOWN_TIMEOUT"),
             "SHUTDOWN_TIMEOUT",
         )?;
-        let mut mqtt = mqtt;
-        let mut kafka = kafka;
         mqtt.shutdown_grace = shutdown_timeout.mul_f64(0.75);
         kafka.max_batch_size = max_batch_size;
         kafka.shutdown_grace = shutdown_timeout / 2;

@@ -631,7 +631,7 @@ impl KafkaSink {
     }
 
     fn update_status(&self) {
-        let full = self.held.is_some() || self.spool.is_full(self.typical_batch_bytes.max(1));
+        let full = self.held.is_some() || !self.spool.has_room_for(self.typical_batch_bytes.max(1));
         self.status.send_if_modified(|s| {
             let changed = s.full != full;
             s.full = full;

@@ -146,11 +146,6 @@ impl Spool {
         self.fits_memory(bytes) || self.fits_disk(bytes)
     }
 
-    /// Whether nothing more fits (for readiness); assumes an entry of `typical_bytes`.
-    pub fn is_full(&self, typical_bytes: usize) -> bool {
-        !self.has_room_for(typical_bytes)
-    }
-
     /// Whether the disk tier is in use (open and not failed).
     pub fn has_disk(&self) -> bool {
         self.disk.is_some()
@@ -707,7 +702,7 @@ mod tests {
         for batch in 0..3 {
             spool.push(records(batch * 10, 10)).expect("room");
         }
-        assert!(spool.is_full(one_entry));
+        assert!(!spool.has_room_for(one_entry));
         let back = spool.push(records(30, 10)).expect_err("full");
         assert_eq!(back.len(), 10);
         // As drop-oldest does: drop until there is room. Freeing memory is not enough while

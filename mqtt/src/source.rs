@@ -123,10 +123,10 @@ pub struct MqttSource {
 }
 
 /// What woke the task up.
-enum Wake {
+enum Wake<'a> {
     Shutdown,
     Done(Option<u64>),
-    Room(mpsc::OwnedPermit<Message>),
+    Room(mpsc::Permit<'a, Message>),
     Connection(Result<Incoming, PollError>),
 }
 
@@ -168,7 +168,7 @@ impl MqttSource {
                 biased;
                 () = &mut shutdown => Wake::Shutdown,
                 watermark = done.changed(), if acks_open => Wake::Done(watermark),
-                permit = output.clone().reserve_owned(), if !self.intake.is_empty() => match permit {
+                permit = output.reserve(), if !self.intake.is_empty() => match permit {
                     Ok(permit) => Wake::Room(permit),
                     Err(_closed) => Wake::Shutdown,
                 },
