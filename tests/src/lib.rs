@@ -108,6 +108,33 @@ pub fn bridge_env(
     env
 }
 
+/// A fresh tansu, a fresh Mosquitto and a Kafka topic name no other test uses.
+pub fn brokers() -> (Tansu, Mosquitto, String) {
+    (
+        Tansu::start(),
+        Mosquitto::start(),
+        format!("mqtt-{}", unique()),
+    )
+}
+
+/// As [`brokers`], with tansu behind a [`FaultProxy`]: point the bridge at the proxy's port.
+pub async fn brokers_behind_proxy() -> (Tansu, FaultProxy, Mosquitto, String) {
+    let (kafka, proxy) = Tansu::start_behind_proxy().await;
+    (
+        kafka,
+        proxy,
+        Mosquitto::start(),
+        format!("mqtt-{}", unique()),
+    )
+}
+
+/// A temporary directory and the `SPOOL_DIR` value for a spool inside it.
+pub fn spool_dir() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir for the spool");
+    let spool = dir.path().join("spool").display().to_string();
+    (dir, spool)
+}
+
 /// A name no other test in this run uses (topics, client ids).
 pub fn unique() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};

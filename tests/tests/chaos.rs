@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use mkb_tests::numbered::{expect_all_numbers, publish_numbered};
 use mkb_tests::{
-    BridgeProcess, Fault, KafkaReader, Mosquitto, Publisher, RunningBridge, Tansu, bridge_config,
-    bridge_env, eventually, init_logging, unique,
+    BridgeProcess, Fault, KafkaReader, Publisher, RunningBridge, bridge_config, bridge_env,
+    brokers, brokers_behind_proxy, eventually, init_logging, spool_dir,
 };
 use rumqttc::QoS;
 
@@ -33,9 +33,7 @@ async fn spooled(bridge: &RunningBridge) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_cut_for_30_s_during_steady_traffic_loses_nothing() {
     init_logging();
-    let (kafka, proxy) = Tansu::start_behind_proxy().await;
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
     let config = bridge_config(mqtt.port(), proxy.port(), &topic, "cut/#", &overrides(&[]));
     let bridge = RunningBridge::start(config).await.expect("bridge starts");
     bridge.wait_subscribed().await;
@@ -76,9 +74,7 @@ async fn kafka_cut_for_30_s_during_steady_traffic_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_larger_than_the_memory_tier_spills_to_disk_in_order() {
     init_logging();
-    let (kafka, proxy) = Tansu::start_behind_proxy().await;
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
     // Acknowledged on receipt, so the memory tier is used first.
     let config = bridge_config(
         mqtt.port(),
@@ -121,9 +117,7 @@ async fn outage_larger_than_the_memory_tier_spills_to_disk_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_and_connection_resets_lose_nothing() {
     init_logging();
-    let (kafka, proxy) = Tansu::start_behind_proxy().await;
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
     let config = bridge_config(
         mqtt.port(),
         proxy.port(),
@@ -155,11 +149,8 @@ async fn latency_and_connection_resets_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_an_outage_keeps_the_spool_for_the_next_start() {
     init_logging();
-    let (kafka, proxy) = Tansu::start_behind_proxy().await;
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
-    let spool = tempfile::tempdir().expect("spool dir");
-    let spool_dir = spool.path().join("spool").display().to_string();
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
+    let (_spool, spool_dir) = spool_dir();
     let env = bridge_env(
         mqtt.port(),
         proxy.port(),
@@ -201,9 +192,7 @@ async fn sigterm_during_an_outage_keeps_the_spool_for_the_next_start() {
 /// Fills a small disk spool during an outage and returns what Kafka got afterwards, as
 /// (distinct numbers received, records dropped by the policy, number published).
 async fn overflow_with_policy(policy: &str) -> (Vec<u64>, f64, u64) {
-    let (kafka, proxy) = Tansu::start_behind_proxy().await;
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
     let config = bridge_config(
         mqtt.port(),
         proxy.port(),
@@ -313,9 +302,7 @@ async fn full_spool_with_drop_oldest_drops_exactly_what_it_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_spool_at_start_up_is_moved_aside_and_the_bridge_runs() {
     init_logging();
-    let kafka = Tansu::start();
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, mqtt, topic) = brokers();
     let work = tempfile::tempdir().expect("temp dir");
     let spool_dir = work.path().join("spool");
     std::fs::create_dir(&spool_dir).expect("mkdir");

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use mkb_tests::numbered::{expect_all_numbers, publish_numbered};
 use mkb_tests::{
-    BridgeProcess, Fault, KafkaReader, Mosquitto, Publisher, Tansu, bridge_env, init_logging,
-    unique,
+    BridgeProcess, Fault, KafkaReader, Publisher, bridge_env, brokers, brokers_behind_proxy,
+    init_logging, spool_dir,
 };
 use rumqttc::QoS;
 
@@ -17,11 +17,8 @@ use rumqttc::QoS;
 /// spool. Every number must reach Kafka.
 async fn survives_kill_9(mqtt_version: &str) {
     init_logging();
-    let kafka = Tansu::start();
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
-    let spool = tempfile::tempdir().expect("spool dir");
-    let spool_dir = spool.path().join("spool").display().to_string();
+    let (kafka, mqtt, topic) = brokers();
+    let (_spool, spool_dir) = spool_dir();
     let env = bridge_env(
         mqtt.port(),
         kafka.port(),
@@ -72,11 +69,8 @@ async fn kill_9_loses_nothing_with_mqtt_5() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_an_outage_loses_nothing_held_only_on_disk() {
     init_logging();
-    let (kafka, proxy) = Tansu::start_behind_proxy().await;
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
-    let spool = tempfile::tempdir().expect("spool dir");
-    let spool_dir = spool.path().join("spool").display().to_string();
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
+    let (_spool, spool_dir) = spool_dir();
     let env = bridge_env(
         mqtt.port(),
         proxy.port(),
@@ -112,9 +106,7 @@ async fn kill_9_during_an_outage_loses_nothing_held_only_on_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_receipt_mode_acknowledges_at_once_and_bridges_everything() {
     init_logging();
-    let kafka = Tansu::start();
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, mqtt, topic) = brokers();
     let env = bridge_env(
         mqtt.port(),
         kafka.port(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mkb_tests::{
     BridgeProcess, KafkaReader, Mosquitto, Publisher, RunningBridge, Tansu, bridge_config,
-    bridge_env, eventually, http_get, init_logging, servers::free_port, unique,
+    bridge_env, brokers, eventually, http_get, init_logging, servers::free_port, unique,
 };
 use rumqttc::QoS;
 
@@ -92,9 +92,7 @@ async fn readyz_is_200_when_healthy_and_503_while_kafka_cannot_take_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_traffic_exits_0_with_everything_published_in_kafka() {
     init_logging();
-    let kafka = Tansu::start();
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, mqtt, topic) = brokers();
     let env = bridge_env(
         mqtt.port(),
         kafka.port(),

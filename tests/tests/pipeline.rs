@@ -3,9 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use mkb_tests::{
-    KafkaReader, Mosquitto, Publisher, RunningBridge, Tansu, bridge_config, init_logging, unique,
-};
+use mkb_tests::{KafkaReader, Publisher, RunningBridge, bridge_config, brokers, init_logging};
 use rumqttc::QoS;
 
 const READ_DEADLINE: Duration = Duration::from_secs(60);
@@ -38,9 +36,7 @@ fn by_topic(pairs: impl IntoIterator<Item = (String, Vec<u8>)>) -> HashMap<Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_on_three_topics_arrive_exactly_as_published() {
     init_logging();
-    let kafka = Tansu::start();
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, mqtt, topic) = brokers();
     let config = bridge_config(
         mqtt.port(),
         kafka.port(),
@@ -124,9 +120,7 @@ async fn messages_on_three_topics_arrive_exactly_as_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_batches_go_at_once_and_the_rest_on_shutdown() {
     init_logging();
-    let kafka = Tansu::start();
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, mqtt, topic) = brokers();
     let config = bridge_config(
         mqtt.port(),
         kafka.port(),
@@ -174,9 +168,7 @@ async fn full_batches_go_at_once_and_the_rest_on_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_batch_goes_when_the_interval_ends() {
     init_logging();
-    let kafka = Tansu::start();
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, mqtt, topic) = brokers();
     let config = bridge_config(
         mqtt.port(),
         kafka.port(),

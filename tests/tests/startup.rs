@@ -3,15 +3,13 @@
 use std::time::{Duration, Instant};
 
 use mkb_tests::{
-    KafkaReader, Mosquitto, RunningBridge, Tansu, bridge_config, init_logging, unique,
+    KafkaReader, Mosquitto, RunningBridge, bridge_config, brokers, init_logging, unique,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_is_written_to_the_test_topic_before_mqtt_is_read() {
     init_logging();
-    let kafka = Tansu::start();
-    let mqtt = Mosquitto::start();
-    let topic = format!("mqtt-{}", unique());
+    let (kafka, mqtt, topic) = brokers();
     let probe_topic = format!("probe-{}", unique());
     // The broker's default replication factor (-1) must work too: it is the bridge's default.
     let mut config = bridge_config(
