@@ -2,8 +2,8 @@
 //!
 //! [`KafkaSink::connect`] builds the producer (`acks=all`, idempotent), creates missing topics
 //! through the Admin API and runs the start-up probe. [`KafkaSink::run`] then writes each
-//! [`mkb_bridge::Batch`] and waits for every delivery report before taking the next, so a batch
-//! is either wholly in Kafka or still held here.
+//! [`mkb_bridge::Batch`], with a few in flight, and settles their delivery reports in order: a
+//! batch's messages are reported done only once Kafka (or the disk spool) holds them.
 //!
 //! Errors fall in three kinds (see the `sink` module): final for one record (too large: counted
 //! and dropped, the pipeline goes on), worth a short wait (local queue full), and "Kafka is
@@ -12,6 +12,7 @@
 
 mod config;
 mod context;
+mod delivery;
 mod error;
 mod metrics;
 mod sink;

@@ -25,17 +25,19 @@
 //! given up on and counted; the task reports that through its [`AckHandle`] in receipt order.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mkb_bridge::{AckHandle, Batch, Record, envelope};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
 use crate::context::BridgeContext;
+use crate::delivery::{Failure, Reports, Ticket};
 use crate::spool::{FullPolicy, Spool};
 use crate::{KafkaConfig, KafkaError, KafkaMetrics};
 
@@ -45,6 +47,10 @@ const PROBE_CONTENT: &[u8] = b"Internal test to see if kafka is alive at startup
 
 /// Units (batches or spool chunks) awaiting delivery reports at once.
 pub const MAX_IN_FLIGHT: usize = 4;
+/// Spool chunks (of up to `max_batch_size` records) awaiting delivery reports at once while
+/// draining: two keep Kafka busy, and each one in flight is held in memory twice (here and in
+/// librdkafka's copy).
+const MAX_CHUNKS_IN_FLIGHT: usize = 2;
 /// How long to wait before enqueueing again when librdkafka's local queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 /// Batches taken from the input in one go while spooling, then fsynced together.
@@ -75,113 +81,73 @@ enum Origin {
     Spool { last_id: u64 },
 }
 
-/// One record handed to librdkafka, or why it was not.
-enum Send {
-    Pending(DeliveryFuture),
-    Delivered,
-    /// Final error: counted and given up on.
-    Dropped,
-    Failed(Failure),
-}
-
-/// Why a record was not delivered.
-#[derive(Clone, Debug)]
-struct Failure {
-    code: Option<RDKafkaErrorCode>,
-    text: String,
-}
-
-impl Failure {
-    fn of(error: &RdKafkaError) -> Self {
-        Self {
-            code: error.rdkafka_error_code(),
-            text: error.to_string(),
-        }
-    }
-
-    fn other(text: &str) -> Self {
-        Self {
-            code: None,
-            text: text.to_owned(),
-        }
-    }
-
-    /// Errors after which this producer instance will not write again, though librdkafka does
-    /// not always flag them fatal: its idempotence state no longer matches the broker's.
-    fn breaks_the_producer(&self) -> bool {
-        matches!(
-            self.code,
-            Some(
-                RDKafkaErrorCode::ProducerFenced
-                    | RDKafkaErrorCode::InvalidProducerEpoch
-                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
-                    | RDKafkaErrorCode::UnknownProducerId
-                    | RDKafkaErrorCode::InvalidProducerIdMapping
-                    | RDKafkaErrorCode::Fatal
-            )
-        )
-    }
-}
-
 /// A batch or spool chunk awaiting its delivery reports.
 struct InFlight {
     origin: Origin,
     records: Vec<Record>,
-    sends: Vec<Send>,
-    /// Sends before this index are settled.
-    settled: usize,
-    /// The first failed record and why.
+    reports: Arc<Reports>,
+    /// Every report is in and counted.
+    settled: bool,
+    /// The first record not delivered (it and everything after it is tried again) and why.
     failure: Option<(usize, Failure)>,
 }
 
 impl InFlight {
-    /// Awaits the reports in order until all are settled or one failed. Cancel-safe: progress
-    /// is kept in `self`.
+    /// Waits for every delivery report, then counts the outcome. Cancel-safe.
     async fn settle(&mut self, metrics: &KafkaMetrics) {
-        while self.failure.is_none() && self.settled < self.sends.len() {
-            let i = self.settled;
-            if let Send::Pending(report) = &mut self.sends[i] {
-                self.sends[i] = match report.await {
-                    Ok(Ok(_)) => Send::Delivered,
-                    Ok(Err((e, _))) if is_final(&e) => {
-                        drop_too_large(metrics, &self.records[i], &e);
-                        Send::Dropped
-                    }
-                    Ok(Err((e, _))) => Send::Failed(Failure::of(&e)),
-                    Err(_canceled) => Send::Failed(Failure::other("producer shut down")),
-                };
-            }
-            match &self.sends[i] {
-                Send::Delivered => {
-                    metrics.records_sent.inc();
-                    if matches!(self.origin, Origin::Direct) {
-                        let latency = self.records[i].received_at.elapsed();
-                        metrics.latency.observe(latency.as_secs_f64());
-                    }
-                }
-                Send::Failed(reason) => {
-                    metrics.error("delivery");
-                    self.failure = Some((i, reason.clone()));
-                }
-                Send::Dropped | Send::Pending(_) => {}
-            }
-            self.settled += 1;
+        if !self.settled {
+            self.reports.wait().await;
+            self.conclude(metrics);
         }
     }
 
-    fn is_settled(&self) -> bool {
-        self.failure.is_some() || self.settled == self.sends.len()
+    /// Counts what was delivered and what was dropped as too large, and finds the first record
+    /// that has to be tried again. Called once every report is in.
+    fn conclude(&mut self, metrics: &KafkaMetrics) {
+        self.settled = true;
+        let mut end = self.records.len();
+        let mut dropped = Vec::new();
+        for (index, failure) in self.reports.take_failures() {
+            if failure.is_final() {
+                drop_too_large(metrics, &self.records[index], &failure);
+                dropped.push(index);
+            } else {
+                metrics.error("delivery");
+                end = index;
+                self.failure = Some((index, failure));
+                break;
+            }
+        }
+        metrics.records_sent.inc_by((end - dropped.len()) as u64);
+        if matches!(self.origin, Origin::Direct) {
+            let now = Instant::now();
+            for (index, record) in self.records[..end].iter().enumerate() {
+                if dropped.binary_search(&index).is_err() {
+                    let latency = now.saturating_duration_since(record.received_at);
+                    metrics.latency.observe(latency.as_secs_f64());
+                }
+            }
+        }
     }
 
     fn last_seq(&self) -> u64 {
         self.records.last().map_or(0, |r| r.seq)
     }
 
-    /// The records not known to be in Kafka: from the first failed or unsettled one on.
-    fn undelivered(self) -> Vec<Record> {
-        let from = self.failure.as_ref().map_or(self.settled, |(i, _)| *i);
-        let mut records = self.records;
-        records.split_off(from)
+    /// The records not known to be in Kafka: all of them while reports are missing, otherwise
+    /// those from the first failed one on.
+    fn undelivered(mut self, metrics: &KafkaMetrics) -> Vec<Record> {
+        if !self.settled && self.reports.all_in() {
+            self.conclude(metrics);
+        }
+        if !self.settled {
+            return self.records;
+        }
+        let from = self
+            .failure
+            .as_ref()
+            .map_or(self.records.len(), |(i, _)| *i);
+        self.records.split_off(from)
     }
 }
 
@@ -189,7 +155,7 @@ impl InFlight {
 pub struct KafkaSink {
     config: KafkaConfig,
     metrics: KafkaMetrics,
-    producer: FutureProducer<BridgeContext>,
+    producer: ThreadedProducer<BridgeContext>,
     admin: AdminClient<BridgeContext>,
     /// Whether the bridge's topics are known to exist (or creation is left to the broker).
     topics_ready: bool,
@@ -223,7 +189,7 @@ impl KafkaSink {
         acks: AckHandle,
     ) -> Result<Self, KafkaError> {
         let client_config = config.client_config();
-        let producer: FutureProducer<BridgeContext> = client_config
+        let producer: ThreadedProducer<BridgeContext> = client_config
             .create_with_context(BridgeContext)
             .map_err(KafkaError::Client)?;
         let admin: AdminClient<BridgeContext> = client_config
@@ -353,45 +319,57 @@ impl KafkaSink {
     /// Hands records to librdkafka. After the first record that cannot be enqueued, the rest are
     /// not tried, so nothing behind a failure overtakes it.
     async fn send(&self, origin: Origin, records: Vec<Record>) -> InFlight {
-        let mut sends = Vec::with_capacity(records.len());
-        let mut failed: Option<Failure> = None;
-        for record in &records {
-            if let Some(reason) = &failed {
-                sends.push(Send::Failed(reason.clone()));
-                continue;
-            }
-            let send = self.enqueue(record).await;
-            if let Send::Failed(reason) = &send {
+        let reports = Reports::new();
+        for (index, record) in records.iter().enumerate() {
+            let key = Some(record.key.as_bytes());
+            let sent = self
+                .enqueue(
+                    &self.config.topic,
+                    key,
+                    &record.value,
+                    reports.ticket(index),
+                )
+                .await;
+            if let Err(failure) = sent
+                && !failure.is_final()
+            {
                 self.metrics.error("enqueue");
-                failed = Some(reason.clone());
+                break;
             }
-            sends.push(send);
         }
         InFlight {
             origin,
             records,
-            sends,
-            settled: 0,
+            reports,
+            settled: false,
             failure: None,
         }
     }
 
-    async fn enqueue(&self, record: &Record) -> Send {
+    /// Hands one record to librdkafka, waiting while its queue is full. When librdkafka refuses
+    /// the record, its ticket is settled with the reason, which is also returned.
+    async fn enqueue(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        ticket: Box<Ticket>,
+    ) -> Result<(), Failure> {
+        let mut record = BaseRecord::with_opaque_to(topic, ticket).payload(value);
+        record.key = key;
         loop {
-            let kafka_record = FutureRecord::to(&self.config.topic)
-                .key(record.key.as_bytes())
-                .payload(&record.value);
-            match self.producer.send_result(kafka_record) {
-                Ok(report) => return Send::Pending(report),
-                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     self.metrics.error("queue_full");
+                    record = returned;
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
                 }
-                Err((e, _)) if is_final(&e) => {
-                    drop_too_large(&self.metrics, record, &e);
-                    return Send::Dropped;
+                Err((error, returned)) => {
+                    let failure = Failure::of(&error);
+                    returned.delivery_opaque.settle(Err(failure.clone()));
+                    return Err(failure);
                 }
-                Err((e, _)) => return Send::Failed(Failure::of(&e)),
             }
         }
     }
@@ -420,7 +398,7 @@ impl KafkaSink {
             Origin::Direct => {
                 // Everything from the failure on, and every later batch, goes to the spool in
                 // order (the spool is empty in the direct state).
-                let mut records = unit.undelivered();
+                let mut records = unit.undelivered(&self.metrics);
                 for later in std::mem::take(&mut self.in_flight) {
                     records.extend(later.records);
                 }
@@ -436,13 +414,14 @@ impl KafkaSink {
         }
     }
 
-    /// While draining: keeps up to [`MAX_IN_FLIGHT`] chunks out (one while probing), and
+    /// While draining: keeps up to [`MAX_CHUNKS_IN_FLIGHT`] chunks out (one while probing), and
     /// returns to the direct state once the spool is empty.
     async fn top_up(&mut self) {
         let State::Draining { cursor, probing } = self.state else {
             return;
         };
-        let limit = if probing { 1 } else { MAX_IN_FLIGHT };
+        self.spool.recycle_if_due().await;
+        let limit = if probing { 1 } else { MAX_CHUNKS_IN_FLIGHT };
         let mut cursor = cursor;
         while self.in_flight.len() < limit {
             let chunk = self.spool.read_after(cursor, self.config.max_batch_size);
@@ -654,7 +633,7 @@ impl KafkaSink {
                 (Origin::Direct, false) => self.acks.done_through(unit.last_seq()),
                 (Origin::Spool { last_id }, false) => self.spool.remove_through(*last_id),
                 (Origin::Direct, true) => {
-                    unconfirmed.extend(unit.undelivered());
+                    unconfirmed.extend(unit.undelivered(&self.metrics));
                     break;
                 }
                 (Origin::Spool { .. }, true) => break,
@@ -662,11 +641,7 @@ impl KafkaSink {
         }
         for unit in std::mem::take(&mut self.in_flight) {
             if matches!(unit.origin, Origin::Direct) {
-                unconfirmed.extend(if unit.is_settled() {
-                    unit.undelivered()
-                } else {
-                    unit.records
-                });
+                unconfirmed.extend(unit.undelivered(&self.metrics));
             }
         }
         if let Some(held) = self.held.take() {
@@ -772,38 +747,34 @@ impl KafkaSink {
             brokers: self.config.brokers.clone(),
             reason,
         };
-        let report = self
-            .producer
-            .send_result(FutureRecord::<(), _>::to(topic).payload(&value))
-            .map_err(|(e, _)| failed(e.to_string()))?;
-        match tokio::time::timeout(self.config.startup_timeout, report).await {
-            Ok(Ok(Ok(_))) => {
+        let reports = Reports::new();
+        self.enqueue(topic, None, &value, reports.ticket(0))
+            .await
+            .map_err(|f| failed(f.text))?;
+        if tokio::time::timeout(self.config.startup_timeout, reports.wait())
+            .await
+            .is_err()
+        {
+            return Err(failed(format!(
+                "not acknowledged within {:?}",
+                self.config.startup_timeout
+            )));
+        }
+        match reports.take_failures().into_iter().next() {
+            None => {
                 info!(topic = %topic, "Kafka start-up probe acknowledged.");
                 Ok(())
             }
-            Ok(Ok(Err((e, _)))) => Err(failed(e.to_string())),
-            Ok(Err(_canceled)) => Err(failed("producer shut down".to_owned())),
-            Err(_elapsed) => Err(failed(format!(
-                "not acknowledged within {:?}",
-                self.config.startup_timeout
-            ))),
+            Some((_, failure)) => Err(failed(failure.text)),
         }
     }
 }
 
-fn drop_too_large(metrics: &KafkaMetrics, record: &Record, error: &RdKafkaError) {
+fn drop_too_large(metrics: &KafkaMetrics, record: &Record, failure: &Failure) {
     metrics.error("too_large");
     metrics.dropped("too_large", 1);
     error!(
-        mqtt_topic = %record.key, bytes = record.value.len(), error = %error,
+        mqtt_topic = %record.key, bytes = record.value.len(), error = %failure.text,
         "Record larger than Kafka accepts, dropped."
     );
-}
-
-/// Errors after which the record can never be written, however often it is tried.
-fn is_final(error: &RdKafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
-    )
 }

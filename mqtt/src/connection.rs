@@ -60,9 +60,13 @@ pub(crate) enum Connection {
     },
 }
 
-/// Requests queued on the client before the event loop sends them: acknowledgements for a full
-/// in-flight window (MQTT allows up to 65,535), plus subscribe and disconnect.
-const REQUEST_CAPACITY: usize = 65_535 + 16;
+/// Requests queued on the client before the event loop sends them (acknowledgements, subscribe,
+/// disconnect). Acks that find the channel full wait in the source task's own compact queue, so
+/// this only bounds memory: an MQTT 5 request takes about 400 bytes.
+const REQUEST_CAPACITY: usize = 1024;
+/// The bridge publishes nothing, but rumqttc's MQTT 5 client keeps a slot per outgoing packet
+/// id up to this limit (65,535 by default, some 14 MB).
+const OUTGOING_INFLIGHT_V5: u16 = 16;
 
 impl Connection {
     pub(crate) fn new(config: &MqttConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
@@ -100,7 +104,8 @@ impl Connection {
                     .set_manual_acks(config.ack_mode == AckMode::AfterWrite)
                     // The broker drops messages larger than this instead of sending them.
                     .set_max_packet_size(Some(max_packet))
-                    .set_receive_maximum(Some(config.receive_maximum));
+                    .set_receive_maximum(Some(config.receive_maximum))
+                    .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT_V5);
                 if !config.clean_session {
                     // In MQTT 5 a session outlives the connection only with an expiry interval;
                     // the largest value means "never expires" (the broker may cap it).

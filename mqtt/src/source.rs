@@ -120,6 +120,8 @@ pub struct MqttSource {
     intake_bytes: usize,
     /// QoS 1/2 messages of this connection not yet acknowledged, in receipt order.
     unacked: VecDeque<Unacked>,
+    /// The Kafka side's latest report: every message up to this receipt number is done.
+    done_through: u64,
 }
 
 /// What woke the task up.
@@ -141,6 +143,7 @@ impl MqttSource {
             intake: VecDeque::new(),
             intake_bytes: 0,
             unacked: VecDeque::new(),
+            done_through: 0,
         }
     }
 
@@ -176,7 +179,10 @@ impl MqttSource {
             };
             match wake {
                 Wake::Shutdown => break,
-                Wake::Done(Some(watermark)) => self.acknowledge(&connection, watermark),
+                Wake::Done(Some(watermark)) => {
+                    self.done_through = watermark;
+                    self.acknowledge(&connection);
+                }
                 Wake::Done(None) => acks_open = false,
                 Wake::Room(permit) => {
                     let message = self.intake.pop_front().expect("intake was not empty");
@@ -184,22 +190,27 @@ impl MqttSource {
                     permit.send(message);
                     self.forward_intake(&output);
                 }
-                Wake::Connection(Ok(incoming)) => match incoming {
-                    Incoming::Publish {
-                        topic,
-                        payload,
-                        qos,
-                        pkid,
-                    } => {
-                        self.receive(&output, topic, payload, qos, pkid);
+                Wake::Connection(Ok(incoming)) => {
+                    // The event loop took requests off the channel: acks that found it full
+                    // go now.
+                    self.acknowledge(&connection);
+                    match incoming {
+                        Incoming::Publish {
+                            topic,
+                            payload,
+                            qos,
+                            pkid,
+                        } => {
+                            self.receive(&output, topic, payload, qos, pkid);
+                        }
+                        Incoming::ConnAck { session_present } => {
+                            backoff.reset();
+                            self.on_connected(&connection, &broker, session_present);
+                        }
+                        Incoming::SubAck(granted) => self.on_suback(&granted),
+                        Incoming::Disconnected | Incoming::Other => {}
                     }
-                    Incoming::ConnAck { session_present } => {
-                        backoff.reset();
-                        self.on_connected(&connection, &broker, session_present);
-                    }
-                    Incoming::SubAck(granted) => self.on_suback(&granted),
-                    Incoming::Disconnected | Incoming::Other => {}
-                },
+                }
                 Wake::Connection(Err(e)) => {
                     let delay = backoff.next_delay();
                     self.on_connection_error(&broker, &e, delay);
@@ -297,15 +308,19 @@ impl MqttSource {
         self.metrics.intake.set(self.intake.len() as i64);
     }
 
-    /// Acknowledges, in receipt order, every remembered message up to `watermark`.
-    fn acknowledge(&mut self, connection: &Connection, watermark: u64) {
+    /// Queues, in receipt order, the acknowledgement of every remembered message the Kafka side
+    /// reported done. Stops while the client's request channel is full; the run loop calls it
+    /// again after every connection event, which is when the channel gains room.
+    fn acknowledge(&mut self, connection: &Connection) {
+        if self
+            .unacked
+            .front()
+            .is_none_or(|u| u.seq > self.done_through)
+        {
+            return;
+        }
         while let Some(front) = self.unacked.front() {
-            if front.seq > watermark {
-                break;
-            }
-            if !connection.ack(front.qos, front.pkid) {
-                // The request channel is full: the rest goes with the next watermark.
-                warn!("MQTT request queue full; acknowledgements delayed.");
+            if front.seq > self.done_through || !connection.ack(front.qos, front.pkid) {
                 break;
             }
             self.metrics
@@ -431,9 +446,9 @@ impl MqttSource {
         drop(output);
         let grace = tokio::time::sleep(self.config.shutdown_grace);
         tokio::pin!(grace);
-        let mut watermark = done.get();
-        self.acknowledge(connection, watermark);
-        while watermark < last_passed_on && !self.unacked.is_empty() {
+        self.done_through = done.get();
+        self.acknowledge(connection);
+        while self.done_through < last_passed_on && !self.unacked.is_empty() {
             tokio::select! {
                 () = &mut grace => {
                     warn!(
@@ -445,26 +460,36 @@ impl MqttSource {
                 }
                 changed = done.changed() => match changed {
                     Some(w) => {
-                        watermark = w;
-                        self.acknowledge(connection, watermark);
+                        self.done_through = w;
+                        self.acknowledge(connection);
                     }
                     None => break,
                 },
                 // Keep the connection serviced so the acknowledgements go out.
-                polled = connection.poll() => if polled.is_err() { break },
+                polled = connection.poll() => match polled {
+                    Ok(_) => self.acknowledge(connection),
+                    Err(_) => break,
+                },
             }
         }
-        // Let the queued acknowledgements and the DISCONNECT go out.
-        if connection.disconnect() {
-            let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
-                loop {
-                    match connection.poll().await {
-                        Ok(Incoming::Disconnected) | Err(_) => break,
-                        Ok(_) => {}
-                    }
+        // Let the remaining acknowledgements and the DISCONNECT go out.
+        let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
+            let mut disconnecting = false;
+            loop {
+                self.acknowledge(connection);
+                let all_queued = self
+                    .unacked
+                    .front()
+                    .is_none_or(|u| u.seq > self.done_through);
+                if !disconnecting && all_queued {
+                    disconnecting = connection.disconnect();
                 }
-            })
-            .await;
-        }
+                match connection.poll().await {
+                    Ok(Incoming::Disconnected) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
     }
 }

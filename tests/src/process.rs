@@ -50,7 +50,17 @@ impl BridgeProcess {
         let stdout = std::fs::File::create(dir.path().join("stdout")).expect("stdout file");
         let stderr = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
         let binary = bridge_binary();
-        let mut command = Command::new(&binary);
+        // MKB_BRIDGE_WRAPPER runs the bridge under a profiler, e.g. `heaptrack` or `perf record`.
+        let wrapper = std::env::var("MKB_BRIDGE_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(words).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())

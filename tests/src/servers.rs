@@ -118,7 +118,7 @@ impl Mosquitto {
         // cannot read files in a private temp dir.
         let mut text = format!(
             "listener {port} 127.0.0.1\nuser root\npersistence false\n\
-             log_dest file {log}\nmax_queued_messages 100000\n",
+             log_dest file {log}\nmax_queued_messages 10000000\n",
             log = dir.join("mosquitto.log").display()
         );
         if let Some(inflight) = options.max_inflight {

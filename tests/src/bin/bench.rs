@@ -291,6 +291,9 @@ async fn run_bridge(o: &Options) -> Figures {
     });
     let topic = format!("bench-{}", unique());
     let qos = o.qos.to_string();
+    // One window for both directions: Mosquitto's max_inflight_messages and, for MQTT 5, the
+    // bridge's Receive Maximum (Mosquitto uses the client's value for MQTT 5 clients).
+    let window = o.inflight.to_string();
     let max_batch = o
         .batch_size
         .parse::<u64>()
@@ -306,7 +309,7 @@ async fn run_bridge(o: &Options) -> Figures {
             ("MQTT_QOS", &qos),
             ("MQTT_VERSION", &o.mqtt_version),
             ("MQTT_ACK", &o.ack),
-            ("MQTT_RECEIVE_MAXIMUM", "65535"),
+            ("MQTT_RECEIVE_MAXIMUM", &window),
             ("KAFKA_BATCH_SIZE", &o.batch_size),
             ("KAFKA_MAX_BATCH_SIZE", &max_batch),
             ("KAFKA_INTERVAL", &o.interval),
