@@ -191,9 +191,6 @@ impl MqttSource {
                     self.forward_intake(&output);
                 }
                 Wake::Connection(Ok(incoming)) => {
-                    // The event loop took requests off the channel: acks that found it full
-                    // go now.
-                    self.acknowledge(&connection);
                     match incoming {
                         Incoming::Publish {
                             topic,
@@ -210,6 +207,9 @@ impl MqttSource {
                         Incoming::SubAck(granted) => self.on_suback(&granted),
                         Incoming::Disconnected | Incoming::Other => {}
                     }
+                    // The event loop took requests off the channel: acks that found it full go
+                    // now. After a ConnAck there are none: the old connection's were forgotten.
+                    self.acknowledge(&connection);
                 }
                 Wake::Connection(Err(e)) => {
                     let delay = backoff.next_delay();
