@@ -204,14 +204,10 @@ impl Spool {
         let count = records.len();
         if to_disk {
             let disk = self.disk.as_mut().expect("fits_disk checked the disk tier");
-            if let Err(e) = disk.batches.insert(id.to_be_bytes(), encode(&records)) {
+            if let Err(e) = disk.insert(id, &records) {
                 self.disk_failed("write", &e);
                 return self.push(records);
             }
-            disk.bytes += bytes;
-            disk.records += count;
-            disk.dirty = true;
-            disk.touched += bytes;
         } else {
             self.memory.push_back(Entry { id, records });
             self.memory_bytes += bytes;
@@ -346,12 +342,7 @@ impl Spool {
                     error!(error = %e, "Cannot remove a delivered entry from the disk spool.");
                     break;
                 }
-                disk.bytes = disk.bytes.saturating_sub(value.len());
-                let records = record_count(&value).unwrap_or(0);
-                disk.records = disk.records.saturating_sub(records);
-                disk.dirty = true;
-                disk.touched += value.len();
-                removed += records;
+                removed += disk.removed(&value);
             }
         }
         removed
@@ -369,11 +360,7 @@ impl Spool {
         };
         match disk.batches.pop_min() {
             Ok(Some((_, value))) => {
-                disk.bytes = disk.bytes.saturating_sub(value.len());
-                let count = record_count(&value).unwrap_or(0);
-                disk.records = disk.records.saturating_sub(count);
-                disk.dirty = true;
-                disk.touched += value.len();
+                let count = disk.removed(&value);
                 self.update_gauges();
                 count
             }
@@ -395,18 +382,12 @@ impl Spool {
         let id = self.next_id;
         self.next_id += 1;
         self.metrics.spooled.inc_by(count as u64);
-        if let Some(disk) = &mut self.disk
-            && self.memory.is_empty()
-            && disk
-                .batches
-                .insert(id.to_be_bytes(), encode(&records))
-                .is_ok()
-        {
-            disk.bytes += bytes;
-            disk.records += count;
-            disk.dirty = true;
-            disk.touched += bytes;
-        } else {
+        let on_disk = self.memory.is_empty()
+            && self
+                .disk
+                .as_mut()
+                .is_some_and(|disk| disk.insert(id, &records).is_ok());
+        if !on_disk {
             self.memory.push_back(Entry { id, records });
             self.memory_bytes += bytes;
         }
@@ -421,19 +402,12 @@ impl Spool {
         };
         while let Some(entry) = self.memory.pop_front() {
             let bytes = entry_size(&entry.records);
-            if let Err(e) = disk
-                .batches
-                .insert(entry.id.to_be_bytes(), encode(&entry.records))
-            {
+            if let Err(e) = disk.insert(entry.id, &entry.records) {
                 error!(error = %e, "Cannot write the memory spool to disk at shutdown.");
                 self.memory.push_front(entry);
                 break;
             }
             self.memory_bytes -= bytes;
-            disk.bytes += bytes;
-            disk.records += entry.records.len();
-            disk.dirty = true;
-            disk.touched += bytes;
         }
         self.flush().await;
         self.update_gauges();
@@ -455,11 +429,7 @@ impl Spool {
         if let Err(e) = moved {
             error!(error = %e, "Cannot quarantine the corrupt entry.");
         }
-        disk.bytes = disk.bytes.saturating_sub(value.len());
-        disk.records = disk
-            .records
-            .saturating_sub(record_count(value).unwrap_or(0));
-        disk.dirty = true;
+        disk.removed(value);
         self.update_gauges();
     }
 
@@ -490,6 +460,28 @@ impl Spool {
 }
 
 impl Disk {
+    /// Writes an entry; durable only after the next flush.
+    fn insert(&mut self, id: u64, records: &[Record]) -> sled::Result<()> {
+        let value = encode(records);
+        let bytes = value.len();
+        self.batches.insert(id.to_be_bytes(), value)?;
+        self.bytes += bytes;
+        self.records += records.len();
+        self.dirty = true;
+        self.touched += bytes;
+        Ok(())
+    }
+
+    /// Accounts for an entry's value that left the tree; returns its record count.
+    fn removed(&mut self, value: &[u8]) -> usize {
+        let records = record_count(value).unwrap_or(0);
+        self.bytes = self.bytes.saturating_sub(value.len());
+        self.records = self.records.saturating_sub(records);
+        self.dirty = true;
+        self.touched += value.len();
+        records
+    }
+
     /// Opens the database at `dir` with empty counts.
     fn open(dir: PathBuf) -> sled::Result<Self> {
         let db = sled::Config::new()
@@ -750,6 +742,13 @@ mod tests {
         }
     }
 
+    /// Pushes `batches` entries of 10 records: payloads 0 to 10 × `batches` - 1.
+    fn push_batches(spool: &mut Spool, batches: u64) {
+        for batch in 0..batches {
+            spool.push(records(batch * 10, 10)).expect("room");
+        }
+    }
+
     /// Every payload in the spool, oldest first.
     fn contents(spool: &mut Spool) -> Vec<String> {
         spool
@@ -771,9 +770,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let one_entry = entry_size(&records(0, 10));
         let mut spool = Spool::open(config(dir.path(), one_entry * 2, 1 << 20), metrics()).await;
-        for batch in 0..6 {
-            spool.push(records(batch * 10, 10)).expect("room");
-        }
+        push_batches(&mut spool, 6);
         assert_eq!(spool.memory.len(), 2, "memory takes the first two");
         assert_eq!(spool.disk.as_ref().map(|d| d.records), Some(40));
         assert_eq!(contents(&mut spool), payloads(0, 60));
@@ -790,9 +787,7 @@ mod tests {
     async fn reads_are_chunked_and_a_cursor_continues_where_the_last_ended() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut spool = Spool::open(config(dir.path(), 0, 1 << 20), metrics()).await;
-        for batch in 0..5 {
-            spool.push(records(batch * 10, 10)).expect("room");
-        }
+        push_batches(&mut spool, 5);
         let first = spool.read_after(0, 25);
         assert_eq!(first.iter().map(|e| e.records.len()).sum::<usize>(), 20);
         let second = spool.read_after(first.last().expect("entries").id, 25);
@@ -807,9 +802,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let one_entry = entry_size(&records(0, 10));
         let mut spool = Spool::open(config(dir.path(), one_entry, one_entry * 2), metrics()).await;
-        for batch in 0..3 {
-            spool.push(records(batch * 10, 10)).expect("room");
-        }
+        push_batches(&mut spool, 3);
         assert!(!spool.has_room_for(one_entry));
         let back = spool.push(records(30, 10)).expect_err("full");
         assert_eq!(back.len(), 10);
@@ -829,9 +822,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let mut spool = Spool::open(config(dir.path(), 0, 1 << 20), metrics()).await;
-            for batch in 0..3 {
-                spool.push(records(batch * 10, 10)).expect("room");
-            }
+            push_batches(&mut spool, 3);
             let first = spool.read_after(0, 10);
             spool.remove_through(first[0].id);
             assert!(spool.flush().await, "all on disk");
@@ -924,9 +915,7 @@ mod tests {
     async fn corrupt_entry_is_quarantined_and_the_rest_is_read() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut spool = Spool::open(config(dir.path(), 0, 1 << 20), metrics()).await;
-        for batch in 0..3 {
-            spool.push(records(batch * 10, 10)).expect("room");
-        }
+        push_batches(&mut spool, 3);
         // Flip one byte of the middle entry's payload: the checksum no longer matches.
         let disk = spool.disk.as_ref().expect("disk tier");
         let mut value = disk
