@@ -312,11 +312,7 @@ impl MqttSource {
     /// reported done. Stops while the client's request channel is full; the run loop calls it
     /// again after every connection event, which is when the channel gains room.
     fn acknowledge(&mut self, connection: &Connection) {
-        if self
-            .unacked
-            .front()
-            .is_none_or(|u| u.seq > self.done_through)
-        {
+        if !self.acks_due() {
             return;
         }
         while let Some(front) = self.unacked.front() {
@@ -329,6 +325,13 @@ impl MqttSource {
             self.unacked.pop_front();
         }
         self.metrics.awaiting_ack.set(self.unacked.len() as i64);
+    }
+
+    /// Whether a message the Kafka side reported done still waits for its acknowledgement.
+    fn acks_due(&self) -> bool {
+        self.unacked
+            .front()
+            .is_some_and(|u| u.seq <= self.done_through)
     }
 
     fn on_connected(&mut self, connection: &Connection, broker: &str, session_present: bool) {
@@ -477,11 +480,7 @@ impl MqttSource {
             let mut disconnecting = false;
             loop {
                 self.acknowledge(connection);
-                let all_queued = self
-                    .unacked
-                    .front()
-                    .is_none_or(|u| u.seq > self.done_through);
-                if !disconnecting && all_queued {
+                if !disconnecting && !self.acks_due() {
                     disconnecting = connection.disconnect();
                 }
                 match connection.poll().await {

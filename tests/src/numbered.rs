@@ -39,6 +39,16 @@ pub fn publish_numbered(
     })
 }
 
+/// Connects a publisher and sends `count` numbered QoS 1 messages flat out; returns once all
+/// are handed to it (see [`Publisher::wait_acked`] for the broker's acknowledgements).
+pub async fn publish_all(port: u16, prefix: &str, count: u64) -> Arc<Publisher> {
+    let publisher = Arc::new(Publisher::connect(port).await);
+    publish_numbered(publisher.clone(), prefix, count, 0, QoS::AtLeastOnce)
+        .await
+        .expect("publisher");
+    publisher
+}
+
 /// What a loss check found.
 #[derive(Debug)]
 pub struct Delivery {

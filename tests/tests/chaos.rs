@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mkb_tests::numbered::{expect_all_numbers, publish_numbered};
+use mkb_tests::numbered::{expect_all_numbers, publish_all, publish_numbered};
 use mkb_tests::{
     BridgeProcess, Fault, KafkaReader, Publisher, RunningBridge, bridge_config, bridge_env,
     brokers, brokers_behind_proxy, eventually, init_logging, spool_dir,
@@ -91,11 +91,8 @@ async fn outage_larger_than_the_memory_tier_spills_to_disk_in_order() {
     bridge.wait_subscribed().await;
     proxy.set(Fault::Down);
 
-    let publisher = Arc::new(Publisher::connect(mqtt.port()).await);
     let count = 5_000;
-    publish_numbered(publisher.clone(), "spill", count, 0, QoS::AtLeastOnce)
-        .await
-        .expect("publisher");
+    let _publisher = publish_all(mqtt.port(), "spill", count).await;
     let metrics = eventually(Duration::from_secs(30), "both tiers in use", || async {
         let metrics = bridge.metrics().await;
         let memory = mkb_tests::metric_value(&metrics, "bridge_spool_bytes{tier=\"memory\"}");
@@ -162,11 +159,8 @@ async fn sigterm_during_an_outage_keeps_the_spool_for_the_next_start() {
     first.wait_subscribed().await;
     proxy.set(Fault::Down);
 
-    let publisher = Arc::new(Publisher::connect(mqtt.port()).await);
     let count = 3_000;
-    publish_numbered(publisher.clone(), "term", count, 0, QoS::AtLeastOnce)
-        .await
-        .expect("publisher");
+    let publisher = publish_all(mqtt.port(), "term", count).await;
     publisher.wait_acked(count).await;
     first.wait_all_spooled(count).await;
     first.terminate();
@@ -208,11 +202,8 @@ async fn overflow_with_policy(policy: &str) -> (Vec<u64>, f64, u64) {
     let bridge = RunningBridge::start(config).await.expect("bridge starts");
     bridge.wait_subscribed().await;
     proxy.set(Fault::Down);
-    let publisher = Arc::new(Publisher::connect(mqtt.port()).await);
     let count = 3_000;
-    publish_numbered(publisher.clone(), "full", count, 0, QoS::AtLeastOnce)
-        .await
-        .expect("publisher");
+    let publisher = publish_all(mqtt.port(), "full", count).await;
     publisher.wait_acked(count).await;
     eventually(Duration::from_secs(60), "the spool to fill", || async {
         let readyz = mkb_tests::http_get(bridge.health_addr, "/readyz").await;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mkb_tests::numbered::{expect_all_numbers, publish_numbered};
+use mkb_tests::numbered::{expect_all_numbers, publish_all, publish_numbered};
 use mkb_tests::{
     BridgeProcess, Fault, KafkaReader, Publisher, bridge_env, brokers, brokers_behind_proxy,
     init_logging, spool_dir,
@@ -86,11 +86,8 @@ async fn kill_9_during_an_outage_loses_nothing_held_only_on_disk() {
     bridge.wait_subscribed().await;
     proxy.set(Fault::Down);
 
-    let publisher = Arc::new(Publisher::connect(mqtt.port()).await);
     let count = 5_000;
-    publish_numbered(publisher.clone(), "outage", count, 0, QoS::AtLeastOnce)
-        .await
-        .expect("publisher");
+    let publisher = publish_all(mqtt.port(), "outage", count).await;
     publisher.wait_acked(count).await;
     // All acknowledged by the bridge: the broker has forgotten them, only the spool has them.
     bridge.wait_all_spooled(count).await;
@@ -116,11 +113,8 @@ async fn on_receipt_mode_acknowledges_at_once_and_bridges_everything() {
     );
     let bridge = BridgeProcess::start(&env);
     bridge.wait_subscribed().await;
-    let publisher = Arc::new(Publisher::connect(mqtt.port()).await);
     let count = 2_000;
-    publish_numbered(publisher.clone(), "fast", count, 0, QoS::AtLeastOnce)
-        .await
-        .expect("publisher");
+    let _publisher = publish_all(mqtt.port(), "fast", count).await;
     let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
     expect_all_numbers(&mut reader, count, Duration::from_secs(60)).await;
     // Nothing waits for Kafka before being acknowledged in this mode.
