@@ -441,6 +441,11 @@ impl KafkaSink {
         if let State::Draining { cursor: c, .. } = &mut self.state {
             *c = cursor;
         }
+        if self.in_flight.is_empty() && self.spool.is_empty() && self.held.is_some() {
+            // Held because it is larger than the whole spool: it goes next.
+            self.unhold().await;
+            return;
+        }
         if self.in_flight.is_empty() && self.spool.is_empty() && self.held.is_none() {
             info!("Spool drained; writing to Kafka directly again.");
             self.kafka_back();
@@ -494,11 +499,20 @@ impl KafkaSink {
         true
     }
 
-    /// Moves a held batch into the spool once there is room.
+    /// Moves a held batch into the spool once there is room. A batch larger than the whole
+    /// spool would never find room: once the spool is empty it goes in anyway, alone, so the
+    /// limit is exceeded by that one batch rather than the bridge blocking forever.
     async fn unhold(&mut self) {
-        if let Some(batch) = self.held.take()
-            && self.spool_records(batch.records)
-        {
+        let Some(batch) = self.held.take() else {
+            return;
+        };
+        if self.spool.is_empty() {
+            if let Some(last) = batch.records.last() {
+                self.spooled_through = self.spooled_through.max(last.seq);
+            }
+            self.spool.push_unbounded(batch.records);
+            self.flush_spool().await;
+        } else if self.spool_records(batch.records) {
             self.flush_spool().await;
         }
     }

@@ -240,6 +240,8 @@ impl Spool {
     /// Closes and reopens the database once [`RECYCLE_BYTES`] were written or read since it
     /// was opened, which frees what sled keeps of them in memory. Flushes first.
     pub async fn recycle_if_due(&mut self) {
+        // Pages sled replaced on this thread wait in its epoch garbage until collected.
+        crossbeam_epoch::pin().flush();
         let Some(disk) = self.disk.take_if(|d| d.touched >= RECYCLE_BYTES) else {
             return;
         };
@@ -372,7 +374,8 @@ impl Spool {
         }
     }
 
-    /// At shutdown: appends records whatever the quotas say (they have nowhere else to go).
+    /// Appends records whatever the quotas say: at shutdown (they have nowhere else to go), and
+    /// for a batch larger than the whole spool, let in alone once the spool is empty.
     pub fn push_unbounded(&mut self, records: Vec<Record>) {
         if records.is_empty() {
             return;
@@ -517,24 +520,31 @@ impl Disk {
         } = self;
         db.flush().map_err(|e| e.to_string())?;
         drop((batches, quarantine, db));
-        // sled's own threads may hold the database (and its file lock) a moment longer.
-        let deadline = std::time::Instant::now() + REOPEN_PATIENCE;
-        let reopened = loop {
-            match Self::open(dir.clone()) {
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                other => break other.map_err(|e| e.to_string())?,
-            }
-        };
+        release_sled_garbage();
+        let reopened =
+            Self::open_when_unlocked(&dir, REOPEN_PATIENCE).map_err(|e| e.to_string())?;
         Ok(Self {
             bytes,
             records,
             ..reopened
         })
+    }
+
+    /// Opens the database at `dir`, waiting up to `patience` while another instance still
+    /// holds its file lock: after a close, sled's background jobs (a log write, a file
+    /// truncation) can keep the old instance alive for a moment.
+    fn open_when_unlocked(dir: &Path, patience: std::time::Duration) -> sled::Result<Self> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match Self::open(dir.to_path_buf()) {
+                Err(sled::Error::Io(e))
+                    if is_lock_conflict(&e) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Opens the database at `dir`; on damage moves it aside and starts a fresh one.
@@ -643,6 +653,21 @@ fn open_and_scan(dir: &Path) -> Result<Disk, String> {
         after = last;
         disk = disk.reopen()?;
     }
+}
+
+/// Frees what a closed sled instance left for crossbeam-epoch to collect: its cached pages,
+/// and often the handle that holds its file lock. sled defers those frees to the thread that
+/// dropped the last reference, which would otherwise run them only the next time it uses sled.
+fn release_sled_garbage() {
+    for _ in 0..4 {
+        crossbeam_epoch::pin().flush();
+    }
+}
+
+/// Whether opening failed only because another instance holds the database's file lock.
+/// sled reports that as an `Other` I/O error whose text names the lock.
+fn is_lock_conflict(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 fn id_of(key: &[u8]) -> u64 {
@@ -763,6 +788,31 @@ mod tests {
         (from..from + count)
             .map(|n| format!("payload {n:05}"))
             .collect()
+    }
+
+    #[test]
+    fn reopening_waits_while_the_old_instance_still_holds_the_lock() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("spool");
+        let old = Disk::open(path.clone()).expect("first instance");
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(old);
+        });
+        let started = std::time::Instant::now();
+        let reopened = Disk::open_when_unlocked(&path, std::time::Duration::from_secs(10));
+        assert!(reopened.is_ok(), "{:?}", reopened.err());
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+        released.join().expect("releasing thread");
+        // Without patience, a held lock is an error, not a wait.
+        let Err(held) = Disk::open(path.clone()) else {
+            panic!("opened a database another instance holds");
+        };
+        assert!(
+            matches!(held, sled::Error::Io(ref e) if is_lock_conflict(e)),
+            "{held:?}"
+        );
+        drop(reopened);
     }
 
     #[tokio::test]

@@ -338,3 +338,42 @@ async fn corrupt_spool_at_start_up_is_moved_aside_and_the_bridge_runs() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_whole_spool_is_let_in_alone_and_nothing_is_lost() {
+    init_logging();
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
+    let config = bridge_config(
+        mqtt.port(),
+        proxy.port(),
+        &topic,
+        "huge/#",
+        &overrides(&[
+            ("SPOOL_FULL_POLICY", "block"),
+            ("SPOOL_MEMORY_BYTES", "0"),
+            ("SPOOL_DISK_BYTES", "32KiB"),
+        ]),
+    );
+    let bridge = RunningBridge::start(config).await.expect("bridge starts");
+    bridge.wait_subscribed().await;
+    proxy.set(Fault::Down);
+    // 2 KB topics: a batch of 20 messages (Mosquitto's window) is larger than the whole spool.
+    let prefix = format!("huge/{}", "x".repeat(2000));
+    let count = 400;
+    let publisher = publish_all(mqtt.port(), &prefix, count).await;
+    eventually(
+        Duration::from_secs(60),
+        "an oversized batch in the spool",
+        || async {
+            let bytes = bridge.metric("bridge_spool_bytes").await;
+            (bytes > 32.0 * 1024.0).then_some(bytes)
+        },
+    )
+    .await;
+    proxy.set(Fault::None);
+    publisher.wait_acked(count).await;
+    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
+    let delivery = expect_all_numbers(&mut reader, count, DRAIN_DEADLINE).await;
+    eprintln!("oversized batches: {delivery:?}");
+    bridge.stop().await.expect("clean stop");
+}
