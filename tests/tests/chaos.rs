@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use mkb_tests::numbered::{expect_all_numbers, publish_all, publish_numbered};
 use mkb_tests::{
-    BridgeProcess, Fault, KafkaReader, Publisher, RunningBridge, bridge_config, bridge_env,
-    brokers, brokers_behind_proxy, eventually, init_logging, spool_dir,
+    BridgeProcess, Fault, FaultProxy, KafkaReader, Mosquitto, Publisher, RunningBridge, Tansu,
+    bridge_config, bridge_env, brokers, brokers_behind_proxy, eventually, init_logging, spool_dir,
 };
 use rumqttc::QoS;
 
@@ -28,6 +28,20 @@ fn overrides<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
 
 async fn spooled(bridge: &RunningBridge) -> f64 {
     bridge.metric("bridge_spool_records").await
+}
+
+/// Brokers, with Kafka behind the fault proxy, and a subscribed bridge on `filter` (fast
+/// failure settings plus `extra`) whose Kafka has just been cut.
+async fn bridge_with_kafka_cut(
+    filter: &str,
+    extra: &[(&str, &str)],
+) -> (Tansu, FaultProxy, Mosquitto, String, RunningBridge) {
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
+    let config = bridge_config(mqtt.port(), proxy.port(), &topic, filter, &overrides(extra));
+    let bridge = RunningBridge::start(config).await.expect("bridge starts");
+    bridge.wait_subscribed().await;
+    proxy.set(Fault::Down);
+    (kafka, proxy, mqtt, topic, bridge)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,22 +88,16 @@ async fn kafka_cut_for_30_s_during_steady_traffic_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_larger_than_the_memory_tier_spills_to_disk_in_order() {
     init_logging();
-    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
     // Acknowledged on receipt, so the memory tier is used first.
-    let config = bridge_config(
-        mqtt.port(),
-        proxy.port(),
-        &topic,
+    let (kafka, proxy, mqtt, topic, bridge) = bridge_with_kafka_cut(
         "spill/#",
-        &overrides(&[
+        &[
             ("MQTT_ACK", "on-receipt"),
             ("SPOOL_MEMORY_BYTES", "64KiB"),
             ("KAFKA_BATCH_SIZE", "100"),
-        ]),
-    );
-    let bridge = RunningBridge::start(config).await.expect("bridge starts");
-    bridge.wait_subscribed().await;
-    proxy.set(Fault::Down);
+        ],
+    )
+    .await;
 
     let count = 5_000;
     let _publisher = publish_all(mqtt.port(), "spill", count).await;
@@ -186,22 +194,16 @@ async fn sigterm_during_an_outage_keeps_the_spool_for_the_next_start() {
 /// Fills a small disk spool during an outage and returns what Kafka got afterwards, as
 /// (distinct numbers received, records dropped by the policy, number published).
 async fn overflow_with_policy(policy: &str) -> (Vec<u64>, f64, u64) {
-    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
-    let config = bridge_config(
-        mqtt.port(),
-        proxy.port(),
-        &topic,
+    let (kafka, proxy, mqtt, topic, bridge) = bridge_with_kafka_cut(
         "full/#",
-        &overrides(&[
+        &[
             ("SPOOL_FULL_POLICY", policy),
             ("SPOOL_MEMORY_BYTES", "0"),
             ("SPOOL_DISK_BYTES", "32KiB"),
             ("KAFKA_BATCH_SIZE", "50"),
-        ]),
-    );
-    let bridge = RunningBridge::start(config).await.expect("bridge starts");
-    bridge.wait_subscribed().await;
-    proxy.set(Fault::Down);
+        ],
+    )
+    .await;
     let count = 3_000;
     let publisher = publish_all(mqtt.port(), "full", count).await;
     publisher.wait_acked(count).await;
@@ -342,21 +344,15 @@ async fn corrupt_spool_at_start_up_is_moved_aside_and_the_bridge_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_the_whole_spool_is_let_in_alone_and_nothing_is_lost() {
     init_logging();
-    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
-    let config = bridge_config(
-        mqtt.port(),
-        proxy.port(),
-        &topic,
+    let (kafka, proxy, mqtt, topic, bridge) = bridge_with_kafka_cut(
         "huge/#",
-        &overrides(&[
+        &[
             ("SPOOL_FULL_POLICY", "block"),
             ("SPOOL_MEMORY_BYTES", "0"),
             ("SPOOL_DISK_BYTES", "32KiB"),
-        ]),
-    );
-    let bridge = RunningBridge::start(config).await.expect("bridge starts");
-    bridge.wait_subscribed().await;
-    proxy.set(Fault::Down);
+        ],
+    )
+    .await;
     // 2 KB topics: a batch of 20 messages (Mosquitto's window) is larger than the whole spool.
     let prefix = format!("huge/{}", "x".repeat(2000));
     let count = 400;
