@@ -293,6 +293,10 @@ impl KafkaSink {
                 let unit = self.send(Origin::Direct, batch.records).await;
                 self.in_flight.push_back(unit);
             } else {
+                // Failing, like any write Kafka did not take: later batches go behind this one
+                // and the spool drains once the topics can be created.
+                let failure = Failure::other("Kafka topics cannot be created");
+                self.enter_failing(&failure, batch.len());
                 self.spool_records(batch.records);
                 self.flush_spool().await;
             }
@@ -421,6 +425,10 @@ impl KafkaSink {
             return;
         };
         self.spool.recycle_if_due().await;
+        if self.in_flight.is_empty() && self.spool.is_empty() {
+            // A batch still held now is larger than the whole spool: it goes in alone, next.
+            self.unhold().await;
+        }
         let limit = if probing { 1 } else { MAX_CHUNKS_IN_FLIGHT };
         let mut cursor = cursor;
         while self.in_flight.len() < limit {
@@ -440,11 +448,6 @@ impl KafkaSink {
         }
         if let State::Draining { cursor: c, .. } = &mut self.state {
             *c = cursor;
-        }
-        if self.in_flight.is_empty() && self.spool.is_empty() && self.held.is_some() {
-            // Held because it is larger than the whole spool: it goes next.
-            self.unhold().await;
-            return;
         }
         if self.in_flight.is_empty() && self.spool.is_empty() && self.held.is_none() {
             info!("Spool drained; writing to Kafka directly again.");

@@ -659,6 +659,7 @@ fn open_and_scan(dir: &Path) -> Result<Disk, String> {
 /// and often the handle that holds its file lock. sled defers those frees to the thread that
 /// dropped the last reference, which would otherwise run them only the next time it uses sled.
 fn release_sled_garbage() {
+    // Garbage is freed once the global epoch has moved on twice; each flush tries one step.
     for _ in 0..4 {
         crossbeam_epoch::pin().flush();
     }

@@ -373,3 +373,33 @@ async fn a_batch_larger_than_the_whole_spool_is_let_in_alone_and_nothing_is_lost
     eprintln!("oversized batches: {delivery:?}");
     bridge.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_unreachable_at_start_delays_the_first_batches_without_reordering() {
+    init_logging();
+    // Cut before the bridge starts: the topic cannot even be created.
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
+    proxy.set(Fault::Down);
+    let config = bridge_config(mqtt.port(), proxy.port(), &topic, "late/#", &overrides(&[]));
+    let bridge = RunningBridge::start(config).await.expect("bridge starts");
+    bridge.wait_subscribed().await;
+    let count = 2_000;
+    let publisher = publish_all(mqtt.port(), "late", count).await;
+    eventually(
+        Duration::from_secs(60),
+        "a failed topic creation",
+        || async {
+            let metrics = bridge.metrics().await;
+            (mkb_tests::metric_value(&metrics, "bridge_kafka_errors_total{kind=\"create_topic\"}")
+                > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    proxy.set(Fault::None);
+    publisher.wait_acked(count).await;
+    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
+    let delivery = expect_all_numbers(&mut reader, count, DRAIN_DEADLINE).await;
+    eprintln!("Kafka back after a failed topic creation: {delivery:?}");
+    bridge.stop().await.expect("clean stop");
+}
