@@ -55,10 +55,8 @@ pub struct Record {
 impl Record {
     /// Builds the record for a message, encoding its envelope.
     pub fn from_message(message: Message) -> Self {
-        let mut value = Vec::with_capacity(crate::envelope::encoded_len(
-            &message.topic,
-            message.payload.len(),
-        ));
+        // `encode` reserves the exact length itself.
+        let mut value = Vec::new();
         crate::envelope::encode(&message.topic, &message.payload, &mut value);
         Self {
             seq: message.seq,
