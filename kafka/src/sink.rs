@@ -425,10 +425,6 @@ impl KafkaSink {
             return;
         };
         self.spool.recycle_if_due().await;
-        if self.in_flight.is_empty() && self.spool.is_empty() {
-            // A batch still held now is larger than the whole spool: it goes in alone, next.
-            self.unhold().await;
-        }
         let limit = if probing { 1 } else { MAX_CHUNKS_IN_FLIGHT };
         let mut cursor = cursor;
         while self.in_flight.len() < limit {
@@ -472,6 +468,9 @@ impl KafkaSink {
             Err(records) => records,
         };
         match self.config.spool.full_policy {
+            // Larger than the whole spool, it would never find room: it goes in alone, over the
+            // limit by that one batch, rather than blocking forever.
+            FullPolicy::Block if self.spool.is_empty() => self.spool.push_unbounded(records),
             FullPolicy::Block => {
                 self.held = Some(Batch { records });
                 self.update_status();
@@ -496,26 +495,17 @@ impl KafkaSink {
             }
             FullPolicy::DropNewest => self.count_drop("spool_full_newest", records.len()),
         }
-        // Dropped records are done as well; reported once what precedes them is durable.
+        // Spooled or dropped, they are done; reported once what precedes them is durable.
         self.spooled_through = self.spooled_through.max(last_seq);
         self.update_status();
         true
     }
 
-    /// Moves a held batch into the spool once there is room. A batch larger than the whole
-    /// spool would never find room: once the spool is empty it goes in anyway, alone, so the
-    /// limit is exceeded by that one batch rather than the bridge blocking forever.
+    /// Moves a held batch into the spool once there is room.
     async fn unhold(&mut self) {
-        let Some(batch) = self.held.take() else {
-            return;
-        };
-        if self.spool.is_empty() {
-            if let Some(last) = batch.records.last() {
-                self.spooled_through = self.spooled_through.max(last.seq);
-            }
-            self.spool.push_unbounded(batch.records);
-            self.flush_spool().await;
-        } else if self.spool_records(batch.records) {
+        if let Some(batch) = self.held.take()
+            && self.spool_records(batch.records)
+        {
             self.flush_spool().await;
         }
     }

@@ -375,7 +375,7 @@ impl Spool {
     }
 
     /// Appends records whatever the quotas say: at shutdown (they have nowhere else to go), and
-    /// for a batch larger than the whole spool, let in alone once the spool is empty.
+    /// for a batch larger than the whole spool, let in alone into an empty spool.
     pub fn push_unbounded(&mut self, records: Vec<Record>) {
         if records.is_empty() {
             return;
@@ -668,7 +668,7 @@ fn release_sled_garbage() {
 /// Whether opening failed only because another instance holds the database's file lock.
 /// sled reports that as an `Other` I/O error whose text names the lock.
 fn is_lock_conflict(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+    e.to_string().contains("could not acquire lock")
 }
 
 fn id_of(key: &[u8]) -> u64 {

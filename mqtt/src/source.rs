@@ -466,15 +466,11 @@ impl MqttSource {
             }
         }
         drop(output);
-        if !self.connected {
-            // Nothing can be acknowledged: the broker sends those messages again next start.
-            return;
-        }
         let grace = tokio::time::sleep(self.config.shutdown_grace);
         tokio::pin!(grace);
         self.done_through = done.get();
         self.acknowledge(connection);
-        while self.done_through < last_passed_on && !self.unacked.is_empty() {
+        while self.connected && self.done_through < last_passed_on && !self.unacked.is_empty() {
             tokio::select! {
                 () = &mut grace => {
                     warn!(
@@ -502,7 +498,7 @@ impl MqttSource {
             }
         }
         if !self.connected {
-            // The broker sends the unacknowledged messages again on the next start.
+            // Nothing more can be acknowledged: the broker sends those messages again.
             return;
         }
         // Let the remaining acknowledgements and the DISCONNECT go out.
