@@ -117,6 +117,19 @@ pub fn brokers() -> (Tansu, Mosquitto, String) {
     )
 }
 
+/// Settings that make Kafka outages show quickly: writes fail after 3 s, retries every second.
+pub const FAST_FAILURE: [(&str, &str); 2] = [
+    ("KAFKA_DELIVERY_TIMEOUT", "3s"),
+    ("KAFKA_RETRY_INTERVAL", "1s"),
+];
+
+/// [`FAST_FAILURE`] followed by `extra`.
+pub fn with_fast_failure<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut all = FAST_FAILURE.to_vec();
+    all.extend_from_slice(extra);
+    all
+}
+
 /// As [`brokers`], with tansu behind a [`FaultProxy`]: point the bridge at the proxy's port.
 pub async fn brokers_behind_proxy() -> (Tansu, FaultProxy, Mosquitto, String) {
     let (kafka, proxy) = Tansu::start_behind_proxy().await;

@@ -9,48 +9,45 @@ use mkb_tests::numbered::{expect_all_numbers, publish_all, publish_numbered};
 use mkb_tests::{
     BridgeProcess, Fault, FaultProxy, KafkaReader, Mosquitto, Publisher, RunningBridge, Tansu,
     bridge_config, bridge_env, brokers, brokers_behind_proxy, eventually, init_logging, spool_dir,
+    with_fast_failure,
 };
 use rumqttc::QoS;
 
 const DRAIN_DEADLINE: Duration = Duration::from_secs(120);
 
-/// Settings that make outages show quickly: writes fail after 3 s, retries every second.
-const FAST_FAILURE: [(&str, &str); 2] = [
-    ("KAFKA_DELIVERY_TIMEOUT", "3s"),
-    ("KAFKA_RETRY_INTERVAL", "1s"),
-];
-
-fn overrides<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    let mut all = FAST_FAILURE.to_vec();
-    all.extend_from_slice(extra);
-    all
-}
-
 async fn spooled(bridge: &RunningBridge) -> f64 {
     bridge.metric("bridge_spool_records").await
 }
 
-/// Brokers, with Kafka behind the fault proxy, and a subscribed bridge on `filter` (fast
-/// failure settings plus `extra`) whose Kafka has just been cut.
-async fn bridge_with_kafka_cut(
-    filter: &str,
-    extra: &[(&str, &str)],
-) -> (Tansu, FaultProxy, Mosquitto, String, RunningBridge) {
+type Setup = (Tansu, FaultProxy, Mosquitto, String, RunningBridge);
+
+/// Brokers, with Kafka behind the fault proxy, and a subscribed bridge on `filter` with the
+/// fast failure settings plus `extra`.
+async fn bridge_behind_proxy(filter: &str, extra: &[(&str, &str)]) -> Setup {
     let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
-    let config = bridge_config(mqtt.port(), proxy.port(), &topic, filter, &overrides(extra));
+    let config = bridge_config(
+        mqtt.port(),
+        proxy.port(),
+        &topic,
+        filter,
+        &with_fast_failure(extra),
+    );
     let bridge = RunningBridge::start(config).await.expect("bridge starts");
     bridge.wait_subscribed().await;
-    proxy.set(Fault::Down);
     (kafka, proxy, mqtt, topic, bridge)
+}
+
+/// [`bridge_behind_proxy`], with Kafka cut once the bridge is subscribed.
+async fn bridge_with_kafka_cut(filter: &str, extra: &[(&str, &str)]) -> Setup {
+    let setup = bridge_behind_proxy(filter, extra).await;
+    setup.1.set(Fault::Down);
+    setup
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_cut_for_30_s_during_steady_traffic_loses_nothing() {
     init_logging();
-    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
-    let config = bridge_config(mqtt.port(), proxy.port(), &topic, "cut/#", &overrides(&[]));
-    let bridge = RunningBridge::start(config).await.expect("bridge starts");
-    bridge.wait_subscribed().await;
+    let (kafka, proxy, mqtt, topic, bridge) = bridge_behind_proxy("cut/#", &[]).await;
 
     // 1,000 messages a second for 40 s; Kafka is cut from the 5th second to the 35th.
     let publisher = Arc::new(Publisher::connect(mqtt.port()).await);
@@ -122,16 +119,7 @@ async fn outage_larger_than_the_memory_tier_spills_to_disk_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_and_connection_resets_lose_nothing() {
     init_logging();
-    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
-    let config = bridge_config(
-        mqtt.port(),
-        proxy.port(),
-        &topic,
-        "rough/#",
-        &overrides(&[]),
-    );
-    let bridge = RunningBridge::start(config).await.expect("bridge starts");
-    bridge.wait_subscribed().await;
+    let (kafka, proxy, mqtt, topic, bridge) = bridge_behind_proxy("rough/#", &[]).await;
 
     let publisher = Arc::new(Publisher::connect(mqtt.port()).await);
     let count = 6_000;
@@ -161,7 +149,7 @@ async fn sigterm_during_an_outage_keeps_the_spool_for_the_next_start() {
         proxy.port(),
         &topic,
         "term/#",
-        &overrides(&[("SPOOL_DIR", &spool_dir), ("SHUTDOWN_TIMEOUT", "10s")]),
+        &with_fast_failure(&[("SPOOL_DIR", &spool_dir), ("SHUTDOWN_TIMEOUT", "10s")]),
     );
     let mut first = BridgeProcess::start(&env);
     first.wait_subscribed().await;
@@ -380,7 +368,13 @@ async fn kafka_unreachable_at_start_delays_the_first_batches_without_reordering(
     // Cut before the bridge starts: the topic cannot even be created.
     let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
     proxy.set(Fault::Down);
-    let config = bridge_config(mqtt.port(), proxy.port(), &topic, "late/#", &overrides(&[]));
+    let config = bridge_config(
+        mqtt.port(),
+        proxy.port(),
+        &topic,
+        "late/#",
+        &with_fast_failure(&[]),
+    );
     let bridge = RunningBridge::start(config).await.expect("bridge starts");
     bridge.wait_subscribed().await;
     let count = 2_000;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use mkb_tests::numbered::{expect_all_numbers, publish_all, publish_numbered};
 use mkb_tests::{
     BridgeProcess, Fault, KafkaReader, Publisher, bridge_env, brokers, brokers_behind_proxy,
-    init_logging, spool_dir,
+    init_logging, spool_dir, with_fast_failure,
 };
 use rumqttc::QoS;
 
@@ -76,11 +76,7 @@ async fn kill_9_during_an_outage_loses_nothing_held_only_on_disk() {
         proxy.port(),
         &topic,
         "outage/#",
-        &[
-            ("SPOOL_DIR", &spool_dir),
-            ("KAFKA_DELIVERY_TIMEOUT", "3s"),
-            ("KAFKA_RETRY_INTERVAL", "1s"),
-        ],
+        &with_fast_failure(&[("SPOOL_DIR", &spool_dir)]),
     );
     let mut bridge = BridgeProcess::start(&env);
     bridge.wait_subscribed().await;
