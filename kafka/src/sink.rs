@@ -121,12 +121,15 @@ impl InFlight {
         metrics.records_sent.inc_by((end - dropped.len()) as u64);
         if matches!(self.origin, Origin::Direct) {
             let now = Instant::now();
+            // Observed locally, then added to the shared histogram once for the whole unit.
+            let latencies = metrics.latency.local();
             for (index, record) in self.records[..end].iter().enumerate() {
                 if dropped.binary_search(&index).is_err() {
                     let latency = now.saturating_duration_since(record.received_at);
-                    metrics.latency.observe(latency.as_secs_f64());
+                    latencies.observe(latency.as_secs_f64());
                 }
             }
+            latencies.flush();
         }
     }
 
