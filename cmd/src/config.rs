@@ -232,6 +232,12 @@ pub const VARIABLES: &[Variable] = &[
         Some("30s"),
         "longest drain on SIGINT/SIGTERM before the bridge exits",
     ),
+    var(
+        "WORKER_THREADS",
+        Some("1"),
+        "threads running the bridge's tasks (librdkafka and the disk spool have their own); \
+         one moves the most messages per CPU second",
+    ),
 ];
 
 /// The validated configuration of one bridge.
@@ -244,6 +250,8 @@ pub struct Config {
     pub max_batch_size: usize,
     pub health_addr: SocketAddr,
     pub shutdown_timeout: Duration,
+    /// Threads of the async runtime.
+    pub worker_threads: usize,
     /// Every variable's effective value, secrets shown as `***`, for `--check-config`.
     pub effective: Vec<(String, String)>,
 }
@@ -340,6 +348,7 @@ struct Raw {
     health_addr: Option<String>,
     health_port: Option<String>,
     shutdown_timeout: Option<String>,
+    worker_threads: Option<String>,
 }
 
 /// Reads the configuration from `environment` (the process's, or a test's) merged with the env
@@ -685,6 +694,13 @@ impl Parser<'_> {
             })?
         };
 
+        let worker_threads = number(
+            get(&r.worker_threads, "WORKER_THREADS"),
+            "WORKER_THREADS",
+            1,
+            256,
+        )?;
+
         Ok(Config {
             log,
             mqtt,
@@ -693,6 +709,7 @@ impl Parser<'_> {
             max_batch_size,
             health_addr: SocketAddr::new(health_ip, health_port),
             shutdown_timeout,
+            worker_threads,
             effective: Vec::new(),
         })
     }
@@ -1085,6 +1102,13 @@ mod tests {
     }
 
     #[test]
+    fn one_worker_thread_unless_told_otherwise() {
+        assert_eq!(load_env(&[]).expect("valid").worker_threads, 1);
+        let config = load_env(&[("WORKER_THREADS", "4")]).expect("valid");
+        assert_eq!(config.worker_threads, 4);
+    }
+
+    #[test]
     fn interval_accepts_seconds_and_units() {
         assert_eq!(parse_duration("5"), Some(Duration::from_secs(5)));
         assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
@@ -1194,6 +1218,10 @@ mod tests {
             ),
             (&[("MQTT_CLEAN_SESSION", "maybe")], "expected true or false"),
             (&[("HEALTH_ADDR", "everywhere")], "invalid HEALTH_ADDR"),
+            (
+                &[("WORKER_THREADS", "0")],
+                "invalid WORKER_THREADS=\"0\": expected a whole number from 1 to 256",
+            ),
         ];
         for (pairs, expected) in cases {
             let line = error_line(pairs);

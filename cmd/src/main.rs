@@ -60,7 +60,11 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_FAILURE);
     }
 
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!(error = %e, "Cannot start the async runtime.");
