@@ -176,8 +176,9 @@ pub struct KafkaSink {
     /// Records dropped by the full policy since the last log line, and when that was.
     drops_unlogged: usize,
     drop_logged_at: Option<Instant>,
-    /// Size of the latest batch, to judge whether the spool can take another.
-    typical_batch_bytes: usize,
+    /// Records in the latest batch and bytes of their keys and values, to judge whether the
+    /// spool can take another.
+    typical_batch: (usize, usize),
 }
 
 impl KafkaSink {
@@ -223,7 +224,7 @@ impl KafkaSink {
             failing_since: None,
             drops_unlogged: 0,
             drop_logged_at: None,
-            typical_batch_bytes: 0,
+            typical_batch: (0, 0),
         };
         if let Some(test_topic) = sink.config.test_topic.clone() {
             sink.create_topics().await?;
@@ -290,7 +291,7 @@ impl KafkaSink {
     /// A batch from the batcher: straight to Kafka, or behind the spool.
     async fn accept(&mut self, batch: Batch, input: &mut mpsc::Receiver<Batch>) {
         self.metrics.batch_records.observe(batch.len() as f64);
-        self.typical_batch_bytes = batch.records.iter().map(Record::size).sum();
+        self.typical_batch = (batch.len(), batch.records.iter().map(Record::size).sum());
         if matches!(self.state, State::Direct) {
             if self.ensure_topics().await {
                 let unit = self.send(Origin::Direct, batch.records).await;
@@ -481,7 +482,7 @@ impl KafkaSink {
             }
             FullPolicy::DropOldest => {
                 let bytes = records.iter().map(Record::size).sum();
-                while !self.spool.has_room_for(bytes) {
+                while !self.spool.has_room_for(records.len(), bytes) {
                     let dropped = self.spool.drop_oldest();
                     if dropped == 0 {
                         break;
@@ -620,7 +621,10 @@ impl KafkaSink {
     }
 
     fn update_status(&self) {
-        let full = self.held.is_some() || !self.spool.has_room_for(self.typical_batch_bytes.max(1));
+        let full = self.held.is_some()
+            || !self
+                .spool
+                .has_room_for(self.typical_batch.0.max(1), self.typical_batch.1);
         self.status.send_if_modified(|s| {
             let changed = s.full != full;
             s.full = full;
