@@ -210,7 +210,6 @@ impl Spool {
             return Err(records);
         };
         let id = self.next_id;
-        let count = records.len();
         if to_disk {
             let disk = self.disk.as_mut().expect("fits_disk checked the disk tier");
             if let Err(e) = disk.insert(id, &records) {
@@ -688,7 +687,6 @@ fn id_of(key: &[u8]) -> u64 {
     key.try_into().map_or(0, u64::from_be_bytes)
 }
 
-/// Bytes an entry counts against its tier's quota: what it takes on disk.
 /// What a record costs in the memory tier besides its key and value: the [`Record`] itself and
 /// the allocator's bookkeeping for its two buffers (about 16 bytes each with glibc).
 const MEMORY_OVERHEAD_PER_RECORD: usize = std::mem::size_of::<Record>() + 2 * 16;
@@ -708,11 +706,13 @@ fn disk_size(count: usize, bytes: usize) -> usize {
     MAGIC.len() + 8 + count * 8 + bytes
 }
 
+/// Bytes an entry takes in the memory tier.
 fn memory_entry_size(records: &[Record]) -> usize {
     let (count, bytes) = sizes(records);
     memory_size(count, bytes)
 }
 
+/// Bytes an entry takes on disk.
 fn entry_size(records: &[Record]) -> usize {
     let (count, bytes) = sizes(records);
     disk_size(count, bytes)
