@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use mkb_tests::{BridgeProcess, Mosquitto, MosquittoOptions, Tansu, bridge_env, unique};
+use mkb_tests::{
+    BridgeProcess, Mosquitto, MosquittoOptions, Tansu, bridge_env, unique, with_fast_failure,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -281,7 +283,8 @@ async fn run_bridge(o: &Options) -> Figures {
         kafka_port,
         &topic,
         "bench/#",
-        &[
+        // Fast failure settings, so the outage run's spooling starts after 3 s, not 30.
+        &with_fast_failure(&[
             ("MQTT_QOS", &qos),
             ("MQTT_VERSION", &o.mqtt_version),
             ("MQTT_ACK", &o.ack),
@@ -290,10 +293,8 @@ async fn run_bridge(o: &Options) -> Figures {
             ("KAFKA_MAX_BATCH_SIZE", &max_batch),
             ("KAFKA_INTERVAL", &o.interval),
             ("LOG_LEVEL", "error"),
-            ("KAFKA_DELIVERY_TIMEOUT", "3s"),
-            ("KAFKA_RETRY_INTERVAL", "1s"),
             ("SPOOL_DISK_BYTES", "4GiB"),
-        ],
+        ]),
     );
     let bridge = BridgeProcess::start(&env);
     bridge.wait_subscribed().await;
