@@ -56,14 +56,16 @@ pub struct Delivery {
     pub duplicates: usize,
 }
 
-/// Reads until every number below `count` arrived (failing the test after `deadline` with the
-/// missing ones), then checks that per topic the last copies of the numbers are in publish
-/// order. Duplicates are allowed; loss and reordering are not.
+/// Reads the Kafka `topic` at `brokers` until every number below `count` arrived (failing the
+/// test after `deadline` with the missing ones), then checks that per topic the last copies of
+/// the numbers are in publish order. Duplicates are allowed; loss and reordering are not.
 pub async fn expect_all_numbers(
-    reader: &mut KafkaReader,
+    brokers: &str,
+    topic: &str,
     count: u64,
     deadline: Duration,
 ) -> Delivery {
+    let mut reader = KafkaReader::new(brokers, topic).await;
     let complete = reader
         .read_until(deadline, |received| {
             distinct_numbers(received).len() as u64 >= count

@@ -69,8 +69,7 @@ async fn kafka_cut_for_30_s_during_steady_traffic_loses_nothing() {
     proxy.set(Fault::None);
     traffic.await.expect("publisher");
     publisher.wait_acked(count).await;
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
-    let delivery = expect_all_numbers(&mut reader, count, DRAIN_DEADLINE).await;
+    let delivery = expect_all_numbers(&kafka.brokers(), &topic, count, DRAIN_DEADLINE).await;
     eventually(Duration::from_secs(30), "the spool to empty", || async {
         (spooled(&bridge).await == 0.0 && bridge.metric("bridge_kafka_state").await == 0.0)
             .then_some(())
@@ -111,8 +110,7 @@ async fn outage_larger_than_the_memory_tier_spills_to_disk_in_order() {
     );
     proxy.set(Fault::None);
 
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
-    expect_all_numbers(&mut reader, count, DRAIN_DEADLINE).await;
+    expect_all_numbers(&kafka.brokers(), &topic, count, DRAIN_DEADLINE).await;
     bridge.stop().await.expect("clean stop");
 }
 
@@ -133,8 +131,7 @@ async fn latency_and_connection_resets_lose_nothing() {
     }
     traffic.await.expect("publisher");
 
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
-    let delivery = expect_all_numbers(&mut reader, count, DRAIN_DEADLINE).await;
+    let delivery = expect_all_numbers(&kafka.brokers(), &topic, count, DRAIN_DEADLINE).await;
     eprintln!("latency and resets: {delivery:?}");
     bridge.stop().await.expect("clean stop");
 }
@@ -168,8 +165,7 @@ async fn sigterm_during_an_outage_keeps_the_spool_for_the_next_start() {
 
     proxy.set(Fault::None);
     let second = BridgeProcess::start(&env);
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
-    let delivery = expect_all_numbers(&mut reader, count, DRAIN_DEADLINE).await;
+    let delivery = expect_all_numbers(&kafka.brokers(), &topic, count, DRAIN_DEADLINE).await;
     eventually(
         Duration::from_secs(30),
         "the restarted bridge to empty its spool",
@@ -356,8 +352,7 @@ async fn a_batch_larger_than_the_whole_spool_is_let_in_alone_and_nothing_is_lost
     .await;
     proxy.set(Fault::None);
     publisher.wait_acked(count).await;
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
-    let delivery = expect_all_numbers(&mut reader, count, DRAIN_DEADLINE).await;
+    let delivery = expect_all_numbers(&kafka.brokers(), &topic, count, DRAIN_DEADLINE).await;
     eprintln!("oversized batches: {delivery:?}");
     bridge.stop().await.expect("clean stop");
 }
@@ -383,17 +378,16 @@ async fn kafka_unreachable_at_start_delays_the_first_batches_without_reordering(
         Duration::from_secs(60),
         "a failed topic creation",
         || async {
-            let metrics = bridge.metrics().await;
-            (mkb_tests::metric_value(&metrics, "bridge_kafka_errors_total{kind=\"create_topic\"}")
-                > 0.0)
-                .then_some(())
+            let errors = bridge
+                .metric("bridge_kafka_errors_total{kind=\"create_topic\"}")
+                .await;
+            (errors > 0.0).then_some(())
         },
     )
     .await;
     proxy.set(Fault::None);
     publisher.wait_acked(count).await;
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
-    let delivery = expect_all_numbers(&mut reader, count, DRAIN_DEADLINE).await;
+    let delivery = expect_all_numbers(&kafka.brokers(), &topic, count, DRAIN_DEADLINE).await;
     eprintln!("Kafka back after a failed topic creation: {delivery:?}");
     bridge.stop().await.expect("clean stop");
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use mkb_tests::numbered::{expect_all_numbers, publish_all, publish_numbered};
 use mkb_tests::{
-    BridgeProcess, Fault, KafkaReader, Publisher, bridge_env, brokers, brokers_behind_proxy,
-    init_logging, spool_dir, with_fast_failure,
+    BridgeProcess, Fault, Publisher, bridge_env, brokers, brokers_behind_proxy, init_logging,
+    spool_dir, with_fast_failure,
 };
 use rumqttc::QoS;
 
@@ -46,8 +46,8 @@ async fn survives_kill_9(mqtt_version: &str) {
     traffic.await.expect("publisher");
     publisher.wait_acked(count).await;
 
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
-    let delivery = expect_all_numbers(&mut reader, count, Duration::from_secs(120)).await;
+    let delivery =
+        expect_all_numbers(&kafka.brokers(), &topic, count, Duration::from_secs(120)).await;
     eprintln!(
         "MQTT {mqtt_version}, 5 x kill -9 during {count} messages: {} delivered, {} duplicates \
          (seed {seed})",
@@ -91,8 +91,8 @@ async fn kill_9_during_an_outage_loses_nothing_held_only_on_disk() {
 
     proxy.set(Fault::None);
     let _restarted = BridgeProcess::start(&env);
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
-    let delivery = expect_all_numbers(&mut reader, count, Duration::from_secs(120)).await;
+    let delivery =
+        expect_all_numbers(&kafka.brokers(), &topic, count, Duration::from_secs(120)).await;
     eprintln!("kill -9 during an outage: {delivery:?}");
 }
 
@@ -111,8 +111,7 @@ async fn on_receipt_mode_acknowledges_at_once_and_bridges_everything() {
     bridge.wait_subscribed().await;
     let count = 2_000;
     let _publisher = publish_all(mqtt.port(), "fast", count).await;
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
-    expect_all_numbers(&mut reader, count, Duration::from_secs(60)).await;
+    expect_all_numbers(&kafka.brokers(), &topic, count, Duration::from_secs(60)).await;
     // Nothing waits for Kafka before being acknowledged in this mode.
     assert_eq!(
         bridge.metric("bridge_mqtt_messages_awaiting_ack").await,
