@@ -183,5 +183,21 @@ impl BridgeProcess {
 impl Drop for BridgeProcess {
     fn drop(&mut self) {
         self.kill();
+        // The log files go with the temp dir: a failing test shows the end of them first.
+        if std::thread::panicking() {
+            let stderr = self.stderr();
+            let lines: Vec<&str> = stderr.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "bridge (pid {}) stderr, last {} of {} lines:\n{}",
+                self.pid(),
+                tail.len(),
+                lines.len(),
+                tail.join("\n")
+            );
+        }
     }
 }
+
+/// How much of a bridge's log a failing test prints.
+const LOG_TAIL_LINES: usize = 60;
