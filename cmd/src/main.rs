@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use mqtt_kafka_bridge::config::{self, VARIABLES};
 
 /// jemalloc, not glibc's malloc: an outage that fills the memory tier and then the disk tier
-/// peaked at 106 to 109 MB with glibc, which kept freed memory it could not hand back, and at
-/// 81 to 82 MB with jemalloc, which also hands freed pages back to the system within seconds.
+/// peaked at 100 to 109 MB with glibc, which kept freed memory it could not hand back, and at
+/// 80 to 82 MB with jemalloc, which also hands freed pages back to the system within seconds.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
