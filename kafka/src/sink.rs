@@ -38,7 +38,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::context::BridgeContext;
 use crate::delivery::{Failure, Reports, Ticket};
-use crate::spool::{FullPolicy, Spool};
+use crate::spool::{self, FullPolicy, Spool};
 use crate::{KafkaConfig, KafkaError, KafkaMetrics};
 
 /// The probe Metamorphosis writes at start-up; kept identical for existing dashboards.
@@ -291,7 +291,7 @@ impl KafkaSink {
     /// A batch from the batcher: straight to Kafka, or behind the spool.
     async fn accept(&mut self, batch: Batch, input: &mut mpsc::Receiver<Batch>) {
         self.metrics.batch_records.observe(batch.len() as f64);
-        self.typical_batch = (batch.len(), batch.records.iter().map(Record::size).sum());
+        self.typical_batch = spool::sizes(&batch.records);
         if matches!(self.state, State::Direct) {
             if self.ensure_topics().await {
                 let unit = self.send(Origin::Direct, batch.records).await;
@@ -481,8 +481,8 @@ impl KafkaSink {
                 return false;
             }
             FullPolicy::DropOldest => {
-                let bytes = records.iter().map(Record::size).sum();
-                while !self.spool.has_room_for(records.len(), bytes) {
+                let (count, bytes) = spool::sizes(&records);
+                while !self.spool.has_room_for(count, bytes) {
                     let dropped = self.spool.drop_oldest();
                     if dropped == 0 {
                         break;

@@ -217,7 +217,7 @@ impl Spool {
                 return self.push(records);
             }
         } else {
-            self.keep_in_memory(id, records);
+            self.keep_in_memory(id, records, in_memory);
         }
         self.next_id += 1;
         self.metrics.spooled.inc_by(count as u64);
@@ -396,16 +396,18 @@ impl Spool {
                 .as_mut()
                 .is_some_and(|disk| disk.insert(id, &records).is_ok());
         if !on_disk {
-            self.keep_in_memory(id, records);
+            let bytes = memory_entry_size(&records);
+            self.keep_in_memory(id, records, bytes);
         }
         self.update_gauges();
     }
 
-    /// Appends an entry to the memory tier. The batch's vector was sized for a full batch:
-    /// shrunk to what it holds, so that what the tier counts is what it takes.
-    fn keep_in_memory(&mut self, id: u64, mut records: Vec<Record>) {
+    /// Appends an entry of `bytes` (its [`memory_entry_size`]) to the memory tier. The batch's
+    /// vector was sized for a full batch: shrunk to what it holds, so that what the tier counts
+    /// is what it takes.
+    fn keep_in_memory(&mut self, id: u64, mut records: Vec<Record>, bytes: usize) {
         records.shrink_to_fit();
-        self.memory_bytes += memory_entry_size(&records);
+        self.memory_bytes += bytes;
         self.memory.push_back(Entry { id, records });
     }
 
@@ -691,8 +693,8 @@ fn id_of(key: &[u8]) -> u64 {
 /// the allocator's bookkeeping for its two buffers (about 16 bytes each with glibc).
 const MEMORY_OVERHEAD_PER_RECORD: usize = std::mem::size_of::<Record>() + 2 * 16;
 
-/// How many records, and the bytes of their keys and values.
-fn sizes(records: &[Record]) -> (usize, usize) {
+/// How many records, and the bytes of their keys and values: what [`Spool::has_room_for`] takes.
+pub fn sizes(records: &[Record]) -> (usize, usize) {
     (records.len(), records.iter().map(Record::size).sum())
 }
 
