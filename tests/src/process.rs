@@ -147,12 +147,16 @@ impl BridgeProcess {
 
     /// One metric's value (summed over labels), `None` while the HTTP server is not up.
     pub async fn metric(&self, name: &str) -> Option<f64> {
+        Some(crate::metric_value(&self.metrics().await?, name))
+    }
+
+    /// The metrics page, `None` while the HTTP server is not up.
+    pub async fn metrics(&self) -> Option<String> {
         let stream = tokio::net::TcpStream::connect(self.health_addr)
             .await
             .ok()?;
         drop(stream);
-        let text = crate::http_get(self.health_addr, "/metrics").await;
-        Some(crate::metric_value(&text, name))
+        Some(crate::http_get(self.health_addr, "/metrics").await)
     }
 
     /// Waits until `count` messages were received and every one is in the spool and

@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use mkb_tests::{
-    BridgeProcess, Mosquitto, MosquittoOptions, Tansu, bridge_env, unique, with_fast_failure,
+    BridgeProcess, Mosquitto, MosquittoOptions, Tansu, bridge_env, metric_value, unique,
+    with_fast_failure,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -258,13 +259,11 @@ fn spawn_progress(
     })
 }
 
-/// The sum of some of the bridge's metrics; `None` while its HTTP server is not up.
+/// The sum of some of the bridge's metrics, read from one page; `None` while its HTTP server
+/// is not up.
 async fn metric_sum(bridge: &BridgeProcess, names: &[&str]) -> Option<f64> {
-    let mut sum = 0.0;
-    for name in names {
-        sum += bridge.metric(name).await?;
-    }
-    Some(sum)
+    let page = bridge.metrics().await?;
+    Some(names.iter().map(|name| metric_value(&page, name)).sum())
 }
 
 /// Polls the sum of some of the bridge's metrics until `done` holds; returns the seconds it
