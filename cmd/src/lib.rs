@@ -191,6 +191,12 @@ fn readiness(mqtt: &MqttStatus, kafka: &KafkaStatus) -> Readiness {
         let why = mqtt.last_error.as_deref().unwrap_or("connecting");
         return Readiness::NotReady(format!("MQTT not subscribed: {why}"));
     }
+    if let (true, Some(why)) = (kafka.failing, &kafka.spool_error) {
+        return Readiness::NotReady(format!(
+            "Kafka failing and the disk spool cannot be written ({why}); the MQTT broker keeps \
+             what is not acknowledged"
+        ));
+    }
     if kafka.failing && kafka.full {
         let why = kafka.last_error.as_deref().unwrap_or("unknown error");
         return Readiness::NotReady(format!("Kafka failing and nothing more can be held: {why}"));

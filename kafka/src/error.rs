@@ -11,6 +11,8 @@ pub enum KafkaError {
         brokers: String,
         reason: String,
     },
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
     #[error("Kafka start-up probe on topic {topic:?} at {brokers} failed: {reason}")]
     Probe {
         topic: String,

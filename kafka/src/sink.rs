@@ -38,7 +38,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::context::BridgeContext;
 use crate::delivery::{Failure, Reports, Ticket};
-use crate::spool::{self, FullPolicy, Spool};
+use crate::spool::{self, Pushed, Spool};
 use crate::{KafkaConfig, KafkaError, KafkaMetrics};
 
 /// The probe Metamorphosis writes at start-up; kept identical for existing dashboards.
@@ -67,6 +67,8 @@ pub struct KafkaStatus {
     /// Nothing more can be held: new messages wait in the MQTT broker (or are dropped, as the
     /// full policy says).
     pub full: bool,
+    /// Why the disk spool cannot be written, while it cannot.
+    pub spool_error: Option<String>,
 }
 
 enum State {
@@ -199,7 +201,7 @@ impl KafkaSink {
         let admin: AdminClient<BridgeContext> = client_config
             .create_with_context(BridgeContext)
             .map_err(KafkaError::Client)?;
-        let spool = Spool::open(config.spool.clone(), metrics.spool.clone()).await;
+        let spool = Spool::open(config.spool.clone(), metrics.spool.clone()).await?;
         let state = if spool.is_empty() {
             State::Direct
         } else {
@@ -254,10 +256,12 @@ impl KafkaSink {
                 State::Failing { retry_at } if self.in_flight.is_empty() => Some(retry_at),
                 _ => None,
             };
+            let disk_retry_at = self.spool.disk_retry_at();
             enum Event {
                 Settled,
                 Batch(Option<Batch>),
                 Retry,
+                DiskRetry,
             }
             let event = {
                 let head = self.in_flight.front_mut();
@@ -270,6 +274,8 @@ impl KafkaSink {
                     batch = input.recv(), if accepting => Event::Batch(batch),
                     () = sleep_until(retry_at.unwrap_or_else(Instant::now)),
                         if retry_at.is_some() => Event::Retry,
+                    () = sleep_until(disk_retry_at.unwrap_or_else(Instant::now)),
+                        if disk_retry_at.is_some() => Event::DiskRetry,
                 }
             };
             match event {
@@ -282,6 +288,10 @@ impl KafkaSink {
                         cursor: 0,
                         probing: true,
                     };
+                }
+                Event::DiskRetry => {
+                    self.flush_spool().await;
+                    self.unhold().await;
                 }
             }
         }
@@ -390,7 +400,11 @@ impl KafkaSink {
             match unit.origin {
                 Origin::Direct => self.acks.done_through(unit.last_seq()),
                 Origin::Spool { last_id } => {
-                    self.spool.remove_through(last_id);
+                    self.spool.remove_through(last_id).await;
+                    // Records held in memory only (the disk failed) are now in Kafka.
+                    if self.spool.all_durable() {
+                        self.acks.done_through(self.spooled_through);
+                    }
                     if let State::Draining { probing, .. } = &mut self.state
                         && *probing
                     {
@@ -428,12 +442,21 @@ impl KafkaSink {
         let State::Draining { cursor, probing } = self.state else {
             return;
         };
-        self.spool.recycle_if_due().await;
         let limit = if probing { 1 } else { MAX_CHUNKS_IN_FLIGHT };
         let mut cursor = cursor;
         while self.in_flight.len() < limit {
-            let chunk = self.spool.read_after(cursor, self.config.max_batch_size);
+            let chunk = self
+                .spool
+                .read_after(cursor, self.config.max_batch_size)
+                .await;
             let Some(last_id) = chunk.last().map(|e| e.id) else {
+                if self.in_flight.is_empty() && !self.spool.is_empty() {
+                    // Nothing could be read of a spool that is not empty: the disk failed.
+                    let why = self.spool.disk_error().unwrap_or("cannot read").to_owned();
+                    let failure = Failure::other(&format!("disk spool cannot be read: {why}"));
+                    self.enter_failing(&failure, self.spool.records());
+                    return;
+                }
                 break;
             };
             if !self.ensure_topics().await {
@@ -463,41 +486,19 @@ impl KafkaSink {
         let Some(last_seq) = records.last().map(|r| r.seq) else {
             return true;
         };
-        let mut records = match self.spool.push(records) {
-            Ok(()) => {
-                self.spooled_through = self.spooled_through.max(last_seq);
-                self.update_status();
-                return true;
-            }
-            Err(records) => records,
-        };
-        match self.config.spool.full_policy {
-            // Larger than the whole spool, it would never find room: it goes in alone, over the
-            // limit by that one batch, rather than blocking forever.
-            FullPolicy::Block if self.spool.is_empty() => self.spool.push_unbounded(records),
-            FullPolicy::Block => {
+        match self.spool.push(records) {
+            Pushed::Held(records) => {
                 self.held = Some(Batch { records });
                 self.update_status();
                 return false;
             }
-            FullPolicy::DropOldest => {
-                let (count, bytes) = spool::sizes(&records);
-                while !self.spool.has_room_for(count, bytes) {
-                    let dropped = self.spool.drop_oldest();
-                    if dropped == 0 {
-                        break;
-                    }
-                    self.count_drop("spool_full_oldest", dropped);
-                }
-                match self.spool.push(records) {
-                    Ok(()) => {}
-                    Err(rest) => {
-                        records = rest;
-                        self.count_drop("spool_full_newest", records.len());
-                    }
-                }
+            Pushed::Taken {
+                dropped_oldest,
+                dropped_newest,
+            } => {
+                self.count_drop("spool_full_oldest", dropped_oldest);
+                self.count_drop("spool_full_newest", dropped_newest);
             }
-            FullPolicy::DropNewest => self.count_drop("spool_full_newest", records.len()),
         }
         // Spooled or dropped, they are done; reported once what precedes them is durable.
         self.spooled_through = self.spooled_through.max(last_seq);
@@ -521,6 +522,7 @@ impl KafkaSink {
         if durable || !self.config.spool.persist_all {
             self.acks.done_through(self.spooled_through);
         }
+        self.update_status();
     }
 
     fn count_drop(&mut self, reason: &str, records: usize) {
@@ -625,9 +627,11 @@ impl KafkaSink {
             || !self
                 .spool
                 .has_room_for(self.typical_batch.0.max(1), self.typical_batch.1);
+        let spool_error = self.spool.disk_error();
         self.status.send_if_modified(|s| {
-            let changed = s.full != full;
+            let changed = s.full != full || s.spool_error.as_deref() != spool_error;
             s.full = full;
+            s.spool_error = spool_error.map(str::to_owned);
             changed
         });
     }
@@ -645,7 +649,7 @@ impl KafkaSink {
             let unit = self.in_flight.pop_front().expect("head exists");
             match (&unit.origin, unit.failure.is_some()) {
                 (Origin::Direct, false) => self.acks.done_through(unit.last_seq()),
-                (Origin::Spool { last_id }, false) => self.spool.remove_through(*last_id),
+                (Origin::Spool { last_id }, false) => self.spool.remove_through(*last_id).await,
                 (Origin::Direct, true) => {
                     unconfirmed.extend(unit.undelivered(&self.metrics));
                     break;
@@ -668,7 +672,13 @@ impl KafkaSink {
         }
         let lost = self.spool.persist_memory().await;
         let saved = self.spool.records();
-        if lost > 0 {
+        if lost > 0 && self.config.spool.persist_all {
+            warn!(
+                records = lost,
+                "No usable disk spool: records held in memory were never acknowledged; the MQTT \
+                 broker sends them again."
+            );
+        } else if lost > 0 {
             error!(
                 records = lost,
                 "No usable disk spool: records held in memory are lost."

@@ -110,6 +110,7 @@ fn number(record: &crate::kafka::Received) -> u64 {
         .unwrap_or_else(|| panic!("not a numbered payload: {:?}", record.payload))
 }
 
-fn distinct_numbers(received: &[crate::kafka::Received]) -> HashSet<u64> {
+/// The distinct numbers among received records.
+pub fn distinct_numbers(received: &[crate::kafka::Received]) -> HashSet<u64> {
     received.iter().map(number).collect()
 }
