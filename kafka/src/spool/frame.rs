@@ -144,9 +144,16 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The records of an intact frame's body, `None` when its layout is wrong (a frame whose CRC
-/// matches but whose body does not parse was not written by this format).
-pub fn decode(body: &[u8]) -> Option<Vec<Record>> {
+/// One record as a body holds it, borrowed.
+struct Fields<'a> {
+    received_micros: u64,
+    key: Option<&'a str>,
+    value: &'a [u8],
+}
+
+/// Walks a body's records, handing each to `visit`; `None` when the layout is wrong (a frame
+/// whose CRC matches but whose body does not parse was not written by this format).
+fn parse<'a>(body: &'a [u8], mut visit: impl FnMut(Fields<'a>)) -> Option<usize> {
     let mut rest = body;
     let _id = take_u64(&mut rest)?;
     let count = take_u32(&mut rest)? as usize;
@@ -154,29 +161,48 @@ pub fn decode(body: &[u8]) -> Option<Vec<Record>> {
     if count > rest.len() / RECORD_OVERHEAD {
         return None;
     }
-    let (now_system, now) = (SystemTime::now(), Instant::now());
-    let mut records = Vec::with_capacity(count);
     for _ in 0..count {
-        let received = UNIX_EPOCH + Duration::from_micros(take_u64(&mut rest)?);
+        let received_micros = take_u64(&mut rest)?;
         let _topic = std::str::from_utf8(take_bytes(&mut rest)?).ok()?;
         let key = match take_optional(&mut rest)? {
-            Some(key) => String::from_utf8(key.to_vec()).ok()?,
-            None => String::new(),
+            Some(key) => Some(std::str::from_utf8(key).ok()?),
+            None => None,
         };
-        let value = take_bytes(&mut rest)?.to_vec();
+        let value = take_bytes(&mut rest)?;
         for _ in 0..take_u32(&mut rest)? {
             std::str::from_utf8(take_bytes(&mut rest)?).ok()?;
             take_optional(&mut rest)?;
         }
+        visit(Fields {
+            received_micros,
+            key,
+            value,
+        });
+    }
+    rest.is_empty().then_some(count)
+}
+
+/// Whether an intact frame's body parses, and its record count; allocates nothing.
+pub fn check(body: &[u8]) -> Option<usize> {
+    parse(body, |_| {})
+}
+
+/// The records of an intact frame's body, `None` when its layout is wrong. A null key reads as
+/// an empty one: this release writes none.
+pub fn decode(body: &[u8]) -> Option<Vec<Record>> {
+    let (now_system, now) = (SystemTime::now(), Instant::now());
+    let mut records = Vec::new();
+    parse(body, |fields| {
+        let received = UNIX_EPOCH + Duration::from_micros(fields.received_micros);
         let age = now_system.duration_since(received).unwrap_or_default();
         records.push(Record {
             seq: 0,
-            key,
-            value,
+            key: fields.key.unwrap_or_default().to_owned(),
+            value: fields.value.to_vec(),
             received_at: now.checked_sub(age).unwrap_or(now),
         });
-    }
-    rest.is_empty().then_some(records)
+    })?;
+    Some(records)
 }
 
 fn take_u32(rest: &mut &[u8]) -> Option<u32> {

@@ -15,6 +15,31 @@ use tracing::{error, warn};
 use super::Entry;
 use super::frame::{self, Scan};
 
+/// Entries as read from disk: their frame bodies, checked but not decoded, in one buffer that
+/// the caller hands back for the next read. The caller decodes them on its own thread, so that
+/// records are allocated and freed by one thread and the disk thread allocates nothing per read.
+#[derive(Default)]
+pub struct RawChunk {
+    pub bytes: Vec<u8>,
+    /// Each entry's id, record count and body in `bytes`.
+    pub entries: Vec<(u64, usize, std::ops::Range<usize>)>,
+}
+
+/// What the reader found next.
+enum Next {
+    /// An entry, its body appended to the chunk, its mark pushed.
+    Entry {
+        id: u64,
+        records: usize,
+    },
+    /// An entry that the caller did not want yet; the reader stays before it.
+    NotTaken,
+    End,
+}
+
+/// Bytes of a segment read at once: the reader's buffer, reused from read to read.
+const READ_WINDOW: u64 = 1 << 20;
+
 /// First bytes of every segment file: magic, format version, CRC-32 of both.
 const SEGMENT_MAGIC: &[u8; 8] = b"MKBSPOOL";
 pub const FORMAT_VERSION: u32 = 2;
@@ -95,9 +120,7 @@ pub struct Log {
     /// Append handle of the last segment; `None` starts a new segment at the next append.
     active: Option<File>,
     reader: Option<Reader>,
-    /// An entry read that did not fit the last chunk: the next read starts with it.
-    peeked: Option<(Entry, Mark)>,
-    /// The id of the last entry read and handed out or skipped (its mark is in `marks`).
+    /// The id of the last entry read (its mark is in `marks`).
     cursor: u64,
     marks: VecDeque<Mark>,
     unlink: Vec<PathBuf>,
@@ -128,7 +151,6 @@ impl Log {
             next_segment: 1,
             active: None,
             reader: None,
-            peeked: None,
             cursor: delivered,
             marks: VecDeque::new(),
             unlink: Vec::new(),
@@ -212,7 +234,7 @@ impl Log {
         };
         loop {
             let (start, end) = match frame::next(&bytes, at) {
-                Scan::Frame(f) if frame::decode(f.body).is_some() => {
+                Scan::Frame(f) if frame::check(f.body).is_some() => {
                     // A frame at or below the highest id so far is a stale copy (a write that
                     // was undone but not cut off); it is left out.
                     if f.id > self.last_id {
@@ -384,36 +406,37 @@ impl Log {
         after: u64,
         max_records: usize,
         already: usize,
-    ) -> io::Result<Vec<Entry>> {
+        chunk: &mut RawChunk,
+    ) -> io::Result<()> {
         self.unlink_pending();
+        chunk.bytes.clear();
+        chunk.entries.clear();
         if after == 0 || self.reader.is_none() || self.cursor > after {
             self.reset_reader();
         }
-        let mut chunk = Vec::new();
         let mut total = already;
-        while total < max_records || (total == 0 && chunk.is_empty()) {
-            let (entry, mark) = match self.peeked.take() {
-                Some(peeked) => peeked,
-                None => match self.next_entry()? {
-                    Some(next) => next,
-                    None => {
-                        self.recount();
-                        break;
-                    }
-                },
+        while total < max_records {
+            let fits = |id: u64, records: usize| {
+                id <= after || total == 0 || total + records <= max_records
             };
-            if entry.id > after {
-                if total > 0 && total + entry.records.len() > max_records {
-                    self.peeked = Some((entry, mark));
+            match self.next_entry(&mut chunk.bytes, fits)? {
+                Next::Entry { id, records } => {
+                    let body = chunk.entries.last().map_or(0, |e| e.2.end)..chunk.bytes.len();
+                    if id > after {
+                        total += records;
+                        chunk.entries.push((id, records, body));
+                    } else {
+                        chunk.bytes.truncate(body.start);
+                    }
+                }
+                Next::NotTaken => break,
+                Next::End => {
+                    self.recount();
                     break;
                 }
-                total += entry.records.len();
-                chunk.push(entry);
             }
-            self.cursor = mark.id;
-            self.marks.push_back(mark);
         }
-        Ok(chunk)
+        Ok(())
     }
 
     /// At the end of the log every live entry has a mark: the counts are recomputed from them,
@@ -423,11 +446,7 @@ impl Log {
             (segment.records, segment.bytes) = (0, 0);
         }
         (self.records, self.bytes) = (0, 0);
-        for mark in self
-            .marks
-            .iter()
-            .chain(self.peeked.as_ref().map(|(_, m)| m))
-        {
+        for mark in &self.marks {
             if let Some(segment) = self.segments.iter_mut().find(|s| s.seq == mark.seq) {
                 segment.records += mark.records;
                 segment.bytes += mark.bytes;
@@ -439,7 +458,6 @@ impl Log {
 
     fn reset_reader(&mut self) {
         self.marks.clear();
-        self.peeked = None;
         self.cursor = self.delivered;
         self.reader = self.segments.front().map(|s| Reader {
             seq: s.seq,
@@ -450,15 +468,21 @@ impl Log {
         });
     }
 
-    /// The next live entry and its mark. Stale frames and damage are passed over (their marks
-    /// pushed at once, so that delivering what comes before them moves the head past them).
-    fn next_entry(&mut self) -> io::Result<Option<(Entry, Mark)>> {
+    /// Reads the next live entry: when `take(id, records)` agrees, appends its body to `out`,
+    /// pushes its mark and moves on; otherwise stays before it. Stale frames and damage are
+    /// passed over (their marks pushed at once, so that delivering what comes before them moves
+    /// the head past them).
+    fn next_entry(
+        &mut self,
+        out: &mut Vec<u8>,
+        take: impl Fn(u64, usize) -> bool,
+    ) -> io::Result<Next> {
         loop {
             let Some(reader) = self.reader.as_mut() else {
-                return Ok(None);
+                return Ok(Next::End);
             };
             let Some(index) = self.segments.iter().position(|s| s.seq >= reader.seq) else {
-                return Ok(None);
+                return Ok(Next::End);
             };
             let segment = &self.segments[index];
             if segment.seq != reader.seq {
@@ -470,41 +494,49 @@ impl Log {
                         reader.move_to(next.seq);
                         continue;
                     }
-                    None => return Ok(None),
+                    None => return Ok(Next::End),
                 }
             }
-            if reader.pos < reader.base || reader.base + (reader.buf.len() as u64) < segment.size {
-                reader.buf = read_range(&segment.path, reader.pos, segment.size)?;
-                reader.base = reader.pos;
+            if let Some(to) = reader.load_needed(segment.size) {
+                reader.load(&segment.path, to)?;
             }
-            let view = &reader.buf[..(segment.size - reader.base) as usize];
+            let view_end = (reader.base + reader.buf.len() as u64).min(segment.size);
+            let view = &reader.buf[..(view_end - reader.base) as usize];
             let at = (reader.pos - reader.base) as usize;
             let (seq, base) = (reader.seq, reader.base);
             let damaged_end = match frame::next(view, at) {
                 Scan::Frame(f) => {
                     let end = base + f.end as u64;
-                    let bytes = f.end - at;
                     if f.id <= reader.last_id {
                         reader.pos = end;
                         self.marks.push_back(Mark::passed(reader.last_id, seq, end));
                         continue;
                     }
-                    match frame::decode(f.body) {
+                    match frame::check(f.body) {
+                        Some(records) if !take(f.id, records) => return Ok(Next::NotTaken),
                         Some(records) => {
+                            out.extend_from_slice(f.body);
                             reader.pos = end;
                             reader.last_id = f.id;
-                            let mark = Mark {
+                            self.cursor = f.id;
+                            self.marks.push_back(Mark {
                                 id: f.id,
                                 seq,
                                 end,
-                                records: records.len(),
-                                bytes,
-                            };
-                            let entry = Entry { id: f.id, records };
-                            return Ok(Some((entry, mark)));
+                                records,
+                                bytes: f.end - at,
+                            });
+                            return Ok(Next::Entry { id: f.id, records });
                         }
                         None => f.end,
                     }
+                }
+                Scan::Damage { end, .. } if end == view.len() && view_end < segment.size => {
+                    // The search for the next intact frame reached the end of the window: it
+                    // may lie across it. Read the rest of the segment and look again.
+                    let size = segment.size;
+                    reader.load(&segment.path, size)?;
+                    continue;
                 }
                 Scan::Damage { end, .. } => end,
                 Scan::End => view.len(),
@@ -534,20 +566,13 @@ impl Log {
             if self.reader.is_none() {
                 self.reset_reader();
             }
+            let mut scratch = Vec::new();
             while self.cursor < id {
-                let Some((entry, mark)) = self
-                    .peeked
-                    .take()
-                    .map_or_else(|| self.next_entry(), |p| Ok(Some(p)))?
-                else {
-                    break;
-                };
-                if entry.id > id {
-                    self.peeked = Some((entry, mark));
-                    break;
+                scratch.clear();
+                match self.next_entry(&mut scratch, |next, _| next <= id)? {
+                    Next::Entry { .. } => {}
+                    Next::NotTaken | Next::End => break,
                 }
-                self.cursor = mark.id;
-                self.marks.push_back(mark);
             }
         }
         let mut removed = 0;
@@ -590,7 +615,6 @@ impl Log {
         self.forget_first_segment();
         self.delivered = self.delivered.max(last_id);
         self.reader = None;
-        self.peeked = None;
         self.marks.clear();
         records
     }
@@ -663,6 +687,36 @@ impl Reader {
         self.pos = SEGMENT_HEADER;
         self.base = SEGMENT_HEADER;
         self.buf.clear();
+    }
+
+    /// Where the buffer must reach for the frame at `pos`, when it does not: a window from
+    /// `pos`, or the whole frame when its header says it is longer.
+    fn load_needed(&self, size: u64) -> Option<u64> {
+        let loaded_end = (self.base + self.buf.len() as u64).min(size);
+        let window = size.min(self.pos + READ_WINDOW);
+        if self.pos < self.base || self.pos + frame::HEADER_BYTES as u64 > loaded_end {
+            return (loaded_end < size || self.pos < self.base).then_some(window);
+        }
+        let header = &self.buf[(self.pos - self.base) as usize..][..frame::HEADER_BYTES];
+        let length = u32::from_le_bytes(header[4..8].try_into().expect("four bytes")) as u64;
+        let frame_end = self.pos + frame::HEADER_BYTES as u64 + length;
+        let plausible = &header[..4] == frame::MAGIC && frame_end <= size;
+        (plausible && frame_end > loaded_end).then_some(frame_end.max(window))
+    }
+
+    /// Reads the segment at `path` from `pos` to `to` into the buffer, reusing its memory.
+    fn load(&mut self, path: &Path, to: u64) -> io::Result<()> {
+        if self.buf.capacity() > 2 * READ_WINDOW as usize && to - self.pos <= READ_WINDOW {
+            // A large entry grew the buffer; windows do not need that much.
+            self.buf = Vec::new();
+        }
+        self.buf.clear();
+        self.buf.resize((to - self.pos) as usize, 0);
+        let mut file = File::open(path)?;
+        file.seek(SeekFrom::Start(self.pos))?;
+        file.read_exact(&mut self.buf)?;
+        self.base = self.pos;
+        Ok(())
     }
 }
 
@@ -785,12 +839,4 @@ fn truncate(path: &Path, length: u64) -> io::Result<()> {
     let file = OpenOptions::new().write(true).open(path)?;
     file.set_len(length)?;
     file.sync_data()
-}
-
-fn read_range(path: &Path, from: u64, to: u64) -> io::Result<Vec<u8>> {
-    let mut file = File::open(path)?;
-    file.seek(SeekFrom::Start(from))?;
-    let mut buf = vec![0; to.saturating_sub(from) as usize];
-    file.read_exact(&mut buf)?;
-    Ok(buf)
 }

@@ -148,6 +148,8 @@ pub struct Spool {
     back_disk_bytes: usize,
     disk_error: Option<DiskError>,
     next_id: u64,
+    /// The buffer disk reads come back in, reused from read to read.
+    raw: log::RawChunk,
 }
 
 /// Where a new entry goes.
@@ -185,6 +187,7 @@ impl Spool {
             back_disk_bytes: 0,
             disk_error: None,
             next_id,
+            raw: log::RawChunk::default(),
         };
         spool.update_gauges();
         if let Some(log) = &spool.log
@@ -358,12 +361,15 @@ impl Spool {
             let started = Instant::now();
             let written = self
                 .with_log(move |log| match log.append(&entries) {
-                    Ok(()) => Ok(entries.iter().map(memory_entry_size).sum::<usize>()),
+                    Ok(()) => Ok(entries),
                     Err(e) => Err((entries, e)),
                 })
                 .await;
             match written {
-                Some(Ok(freed)) => {
+                Some(Ok(written)) => {
+                    // Freed here, on the thread that allocated them.
+                    let freed: usize = written.iter().map(memory_entry_size).sum();
+                    drop(written);
                     self.metrics.fsync.observe(started.elapsed().as_secs_f64());
                     self.memory_bytes -= freed;
                     self.back_disk_bytes = 0;
@@ -444,27 +450,30 @@ impl Spool {
             return chunk;
         }
         if self.log.as_ref().is_some_and(|l| l.records() > 0) {
+            let mut raw = std::mem::take(&mut self.raw);
             let read = self
                 .with_log(move |log| {
-                    let read = log.read_after(after, max_records, total);
-                    (read, log.take_damage())
+                    let read = log.read_after(after, max_records, total, &mut raw);
+                    (read, raw, log.take_damage())
                 })
                 .await;
-            if let Some((read, damage)) = read {
+            if let Some((read, raw, damage)) = read {
                 if damage > 0 {
                     self.metrics.corrupt.inc_by(damage);
                 }
-                match read {
-                    Ok(entries) => {
-                        total += entries.iter().map(|e| e.records.len()).sum::<usize>();
-                        chunk.extend(entries);
-                    }
-                    Err(e) => {
-                        error!(error = %e, "Cannot read the disk spool; trying again later.");
-                        self.disk_failed(&e);
-                        return chunk;
-                    }
+                if let Err(e) = read {
+                    error!(error = %e, "Cannot read the disk spool; trying again later.");
+                    self.disk_failed(&e);
+                    return chunk;
                 }
+                for (id, count, body) in &raw.entries {
+                    let records = frame::decode(&raw.bytes[body.clone()])
+                        .expect("the log checked the body's layout when it read it");
+                    debug_assert_eq!(records.len(), *count);
+                    total += records.len();
+                    chunk.push(Entry { id: *id, records });
+                }
+                self.raw = raw;
             }
             if total >= max_records {
                 return chunk;
@@ -1102,6 +1111,61 @@ mod tests {
             .remove_through(rest.last().expect("the third entry").id)
             .await;
         assert!(spool.is_empty());
+    }
+
+    #[tokio::test]
+    async fn reading_in_windows_handles_large_entries_and_damage_at_a_window_edge() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Entries of 100 KB (frames cross every 1 MiB window edge) and one of 3 MB (larger
+        // than a window), all in one segment of the 4 MiB kind.
+        let entry = |n: u64, size: usize| -> Vec<Record> {
+            (0..100)
+                .map(|i| Record {
+                    seq: n * 100 + i,
+                    key: format!("topic/{n}"),
+                    value: vec![n as u8; size],
+                    received_at: Instant::now(),
+                })
+                .collect()
+        };
+        let sizes_written: Vec<usize> = (0..30)
+            .map(|n| if n == 12 { 30_000 } else { 1_000 })
+            .collect();
+        let mut spool = open(SpoolConfig {
+            persist_all: true,
+            ..config(dir.path(), 0, 1 << 30)
+        })
+        .await;
+        for (n, size) in sizes_written.iter().enumerate() {
+            taken(spool.push(entry(n as u64, *size)));
+            assert!(spool.flush().await);
+        }
+        // Which entries a read returned: each one's values are its number.
+        let numbers = |entries: Vec<Entry>| -> Vec<u8> {
+            entries.iter().map(|e| e.records[0].value[0]).collect()
+        };
+        let first = numbers(spool.read_after(0, usize::MAX).await);
+        assert_eq!(first, (0..30).collect::<Vec<u8>>());
+        // Damage the entry that crosses the first window edge (1 MiB) and the large one.
+        let path = segments(dir.path())[0].clone();
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[(1 << 20) + 10] ^= 0xff;
+        bytes[1_300_000 + 1_500_000] ^= 0xff;
+        std::fs::write(&path, bytes).expect("write");
+        let read = numbers(spool.read_after(0, usize::MAX).await);
+        let expected: Vec<u8> = (0..30).filter(|n| *n != 10 && *n != 12).collect();
+        assert_eq!(
+            read, expected,
+            "entries 10 (across 1 MiB) and 12 (the large one)"
+        );
+        assert_eq!(spool.metrics.corrupt.get(), 2);
+        drop(spool);
+        let mut reopened = open(SpoolConfig {
+            persist_all: true,
+            ..config(dir.path(), 0, 1 << 30)
+        })
+        .await;
+        assert_eq!(numbers(reopened.read_after(0, usize::MAX).await), expected);
     }
 
     async fn metrics_after_open(dir: &Path) -> u64 {

@@ -114,6 +114,9 @@ struct Figures {
 struct Outage {
     /// Seconds from the first publish until every message was spooled or counted as dropped.
     spooled: f64,
+    /// Records spooled after the bridge knew Kafka was down (`bridge_kafka_state` 1), and the
+    /// seconds that took: the spool's own write rate, without the delivery timeout before it.
+    spooled_once_down: (f64, f64),
     /// Messages the bridge counted as dropped (QoS 0 intake full, or a spool drop policy).
     dropped: u64,
     /// With `--outage-hold`: peak RSS in bytes when the hold began and when it ended.
@@ -340,7 +343,10 @@ async fn run_bridge(o: &Options) -> Figures {
             o.messages
         );
         let everything = [spool.as_slice(), &DROPPED].concat();
-        wait_metric(&bridge, &everything, |n| n >= o.messages as f64).await;
+        wait_metric(&bridge, &["bridge_kafka_state"], |s| s == 1.0).await;
+        let at_failure = metric_sum(&bridge, &everything).await.unwrap_or(0.0);
+        let once_down = wait_metric(&bridge, &everything, |n| n >= o.messages as f64).await;
+        let spooled_once_down = (o.messages as f64 - at_failure, once_down);
         let spooled = started.elapsed().as_secs_f64();
         let dropped = metric_sum(&bridge, &DROPPED).await.unwrap_or(0.0) as u64;
         expected -= dropped;
@@ -366,6 +372,7 @@ async fn run_bridge(o: &Options) -> Figures {
         );
         outage = Some(Outage {
             spooled,
+            spooled_once_down,
             dropped,
             held,
             drained,
@@ -537,6 +544,7 @@ async fn main() {
     if let Some(outage) = &bridge.outage {
         let Outage {
             spooled,
+            spooled_once_down: (after_failure, once_down),
             dropped,
             drained,
             remaining,
@@ -549,6 +557,11 @@ async fn main() {
             o.messages - dropped,
             (o.messages - dropped) as f64 / spooled,
             remaining / drained
+        );
+        println!(
+            "spool write once Kafka was known down: {after_failure} records in {once_down:.2} s \
+             ({:.0} msg/s)",
+            after_failure / once_down
         );
         if let Some((before, after)) = outage.held {
             println!(
