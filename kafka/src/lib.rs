@@ -15,8 +15,10 @@ mod context;
 mod delivery;
 mod error;
 mod metrics;
+mod producer;
 mod sink;
 pub mod spool;
+mod startup;
 
 pub use config::{InvalidProperty, KafkaConfig, is_secret_property};
 pub use error::KafkaError;

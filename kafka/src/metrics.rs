@@ -164,6 +164,12 @@ impl KafkaMetrics {
         self.errors.with_label_values(&[kind]).inc();
     }
 
+    /// Records dropped for `reason` so far (unit tests).
+    #[cfg(test)]
+    pub(crate) fn dropped_count(&self, reason: &str) -> u64 {
+        self.dropped.with_label_values(&[reason]).get()
+    }
+
     pub(crate) fn dropped(&self, reason: &str, records: usize) {
         self.dropped
             .with_label_values(&[reason])

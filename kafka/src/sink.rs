@@ -1,13 +1,17 @@
 //! The Kafka producer task: the only owner of the producer and of the spool.
 //!
 //! # States
-//! - **Direct**: Kafka accepts writes and the spool is empty. Each batch is handed to librdkafka
-//!   at once; up to [`MAX_IN_FLIGHT`] batches await their delivery reports, settled in order.
-//! - **Failing**: a write failed. Every new batch goes to the spool, behind what is there;
-//!   nothing overtakes it. Every `retry_interval` the oldest spooled chunk is tried.
-//! - **Draining**: that try succeeded (or a spool was found at start-up). Chunks of up to
-//!   `max_batch_size` records go out in order, several in flight; new batches still go to the
-//!   spool. Once it is empty the task is back to Direct.
+//! One [`State`], changed only by [`KafkaSink::set_state`], which also derives the
+//! `bridge_kafka_state` gauge, the readiness status and the failing-time counter from it:
+//! - **Direct**: Kafka accepts writes and the spool is empty. Each batch is handed to the
+//!   producer at once; up to [`MAX_IN_FLIGHT`] batches await their delivery reports, settled in
+//!   order.
+//! - **Failing** `{ outage, retry_at }`: a write failed. Every new batch goes to the spool,
+//!   behind what is there; nothing overtakes it. At `retry_at` the oldest spooled chunk is tried.
+//! - **Draining** `{ cursor, probing, outage }`: the retry is under way (or a spool was found at
+//!   start-up). While `probing`, one chunk is out; once it is delivered the outage (if any) is
+//!   over and chunks of up to `max_batch_size` records go out in order, several in flight. New
+//!   batches still go to the spool. Once it is empty the task is back to Direct.
 //!
 //! # Order and duplicates
 //! When a unit in flight fails, everything from its first failed record on — including records
@@ -23,27 +27,26 @@
 //! # Acknowledgements
 //! A message is *done* once Kafka acknowledged it, it is fsynced in the disk spool, or it was
 //! given up on and counted; the task reports that through its [`AckHandle`] in receipt order.
+//! Spooled messages are acknowledged at the fsync, not when their chunk is later delivered:
+//! the disk holds them from then on, and waiting for Kafka would keep the broker's in-flight
+//! window full for the whole outage, so the broker would stop sending and the bridge could not
+//! spool anything more. Records that the spool holds in memory only (no usable disk) are the
+//! exception: those are acknowledged once Kafka has them.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mkb_bridge::{AckHandle, Batch, Record, envelope};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use mkb_bridge::{AckHandle, Batch, Record};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::context::BridgeContext;
-use crate::delivery::{Failure, Reports, Ticket};
+use crate::delivery::{Failure, Reports};
+use crate::producer::{self, Connector, Produce};
 use crate::spool::{self, Pushed, Spool};
-use crate::{KafkaConfig, KafkaError, KafkaMetrics};
-
-/// The probe Metamorphosis writes at start-up; kept identical for existing dashboards.
-const PROBE_TOPIC_FIELD: &str = "test";
-const PROBE_CONTENT: &[u8] = b"Internal test to see if kafka is alive at startup";
+use crate::startup::Topics;
+use crate::{KafkaConfig, KafkaMetrics};
 
 /// Units (batches or spool chunks) awaiting delivery reports at once.
 pub const MAX_IN_FLIGHT: usize = 4;
@@ -51,8 +54,6 @@ pub const MAX_IN_FLIGHT: usize = 4;
 /// draining: two keep Kafka busy, and each one in flight is held in memory twice (here and in
 /// librdkafka's copy).
 const MAX_CHUNKS_IN_FLIGHT: usize = 2;
-/// How long to wait before enqueueing again when librdkafka's local queue is full.
-const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 /// Batches taken from the input in one go while spooling, then fsynced together.
 const GROUP_COMMIT_BATCHES: usize = 64;
 /// At most one log line per this interval about dropped records.
@@ -71,10 +72,47 @@ pub struct KafkaStatus {
     pub spool_error: Option<String>,
 }
 
+/// The task's state; see the module documentation.
 enum State {
     Direct,
-    Failing { retry_at: Instant },
-    Draining { cursor: u64, probing: bool },
+    Failing {
+        outage: Outage,
+        retry_at: Instant,
+    },
+    Draining {
+        /// The id of the last spool entry sent.
+        cursor: u64,
+        /// One chunk at a time until one is delivered.
+        probing: bool,
+        /// Set while Kafka has not taken a write since it failed.
+        outage: Option<Outage>,
+    },
+}
+
+/// Kafka failing: since when, the latest reason, and up to when the failing time is counted.
+#[derive(Clone, Debug)]
+struct Outage {
+    since: Instant,
+    counted_until: Instant,
+    error: String,
+}
+
+impl State {
+    fn outage(&self) -> Option<&Outage> {
+        match self {
+            Self::Direct => None,
+            Self::Failing { outage, .. } => Some(outage),
+            Self::Draining { outage, .. } => outage.as_ref(),
+        }
+    }
+
+    fn outage_mut(&mut self) -> Option<&mut Outage> {
+        match self {
+            Self::Direct => None,
+            Self::Failing { outage, .. } => Some(outage),
+            Self::Draining { outage, .. } => outage.as_mut(),
+        }
+    }
 }
 
 /// Where the records of a unit in flight came from.
@@ -160,10 +198,12 @@ impl InFlight {
 pub struct KafkaSink {
     config: KafkaConfig,
     metrics: KafkaMetrics,
-    producer: ThreadedProducer<BridgeContext>,
-    admin: AdminClient<BridgeContext>,
-    /// Whether the bridge's topics are known to exist (or creation is left to the broker).
-    topics_ready: bool,
+    producer: Box<dyn Produce>,
+    /// Builds a fresh producer after a failed write.
+    connector: Connector,
+    /// Creates the bridge's topics before the first write, until that succeeded once; `None`
+    /// once they exist (or creation is left to the broker).
+    topics: Option<Topics>,
     status: watch::Sender<KafkaStatus>,
     acks: AckHandle,
     spool: Spool,
@@ -173,8 +213,6 @@ pub struct KafkaSink {
     held: Option<Batch>,
     /// Highest receipt number spooled but not yet reported done (waits for the fsync).
     spooled_through: u64,
-    /// When Kafka started failing, for `bridge_kafka_failing_seconds_total`.
-    failing_since: Option<Instant>,
     /// Records dropped by the full policy since the last log line, and when that was.
     drops_unlogged: usize,
     drop_logged_at: Option<Instant>,
@@ -184,38 +222,31 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    /// Builds the producer, opens the spool, creates missing topics and, when configured,
-    /// runs the start-up probe.
-    ///
-    /// Without a probe topic an unreachable Kafka is not an error here: the bridge starts, and
-    /// the records wait in the spool until Kafka answers.
-    pub async fn connect(
+    /// A task over an opened spool and a producer; see `startup` for the real ones.
+    pub(crate) fn new(
         config: KafkaConfig,
         metrics: KafkaMetrics,
         acks: AckHandle,
-    ) -> Result<Self, KafkaError> {
-        let client_config = config.client_config();
-        let producer: ThreadedProducer<BridgeContext> = client_config
-            .create_with_context(BridgeContext)
-            .map_err(KafkaError::Client)?;
-        let admin: AdminClient<BridgeContext> = client_config
-            .create_with_context(BridgeContext)
-            .map_err(KafkaError::Client)?;
-        let spool = Spool::open(config.spool.clone(), metrics.spool.clone()).await?;
+        spool: Spool,
+        producer: Box<dyn Produce>,
+        connector: Connector,
+        topics: Option<Topics>,
+    ) -> Self {
         let state = if spool.is_empty() {
             State::Direct
         } else {
             State::Draining {
                 cursor: 0,
                 probing: true,
+                outage: None,
             }
         };
-        let mut sink = Self {
-            topics_ready: !config.auto_create_topics,
+        let sink = Self {
             config,
             metrics,
             producer,
-            admin,
+            connector,
+            topics,
             status: watch::Sender::new(KafkaStatus::default()),
             acks,
             spool,
@@ -223,18 +254,12 @@ impl KafkaSink {
             in_flight: VecDeque::new(),
             held: None,
             spooled_through: 0,
-            failing_since: None,
             drops_unlogged: 0,
             drop_logged_at: None,
             typical_batch: (0, 0),
         };
-        if let Some(test_topic) = sink.config.test_topic.clone() {
-            sink.create_topics().await?;
-            sink.probe(&test_topic).await?;
-        } else if let Err(e) = sink.create_topics().await {
-            warn!(error = %e, "Kafka topics not ready yet; trying again before the first write.");
-        }
-        Ok(sink)
+        sink.update_status();
+        sink
     }
 
     /// Follows the Kafka side's state.
@@ -253,7 +278,7 @@ impl KafkaSink {
                     State::Failing { .. } | State::Draining { .. } => true,
                 };
             let retry_at = match self.state {
-                State::Failing { retry_at } if self.in_flight.is_empty() => Some(retry_at),
+                State::Failing { retry_at, .. } if self.in_flight.is_empty() => Some(retry_at),
                 _ => None,
             };
             let disk_retry_at = self.spool.disk_retry_at();
@@ -283,11 +308,14 @@ impl KafkaSink {
                 Event::Batch(Some(batch)) => self.accept(batch, &mut input).await,
                 Event::Batch(None) => break,
                 Event::Retry => {
-                    self.add_failing_time();
-                    self.state = State::Draining {
-                        cursor: 0,
-                        probing: true,
-                    };
+                    if let State::Failing { outage, .. } = &self.state {
+                        let outage = Some(outage.clone());
+                        self.set_state(State::Draining {
+                            cursor: 0,
+                            probing: true,
+                            outage,
+                        });
+                    }
                 }
                 Event::DiskRetry => {
                     self.flush_spool().await;
@@ -340,14 +368,15 @@ impl KafkaSink {
         let reports = Reports::new();
         for (index, record) in records.iter().enumerate() {
             let key = Some(record.key.as_bytes());
-            let sent = self
-                .enqueue(
-                    &self.config.topic,
-                    key,
-                    &record.value,
-                    reports.ticket(index),
-                )
-                .await;
+            let sent = producer::enqueue(
+                self.producer.as_ref(),
+                &self.metrics,
+                &self.config.topic,
+                key,
+                &record.value,
+                reports.ticket(index),
+            )
+            .await;
             if let Err(failure) = sent
                 && !failure.is_final()
             {
@@ -364,34 +393,6 @@ impl KafkaSink {
         }
     }
 
-    /// Hands one record to librdkafka, waiting while its queue is full. When librdkafka refuses
-    /// the record, its ticket is settled with the reason, which is also returned.
-    async fn enqueue(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        value: &[u8],
-        ticket: Box<Ticket>,
-    ) -> Result<(), Failure> {
-        let mut record = BaseRecord::with_opaque_to(topic, ticket).payload(value);
-        record.key = key;
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    self.metrics.error("queue_full");
-                    record = returned;
-                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
-                }
-                Err((error, returned)) => {
-                    let failure = Failure::of(&error);
-                    returned.delivery_opaque.settle(Err(failure.clone()));
-                    return Err(failure);
-                }
-            }
-        }
-    }
-
     /// The oldest unit in flight has settled (or failed).
     async fn on_settled(&mut self) {
         let unit = self.in_flight.pop_front().expect("a unit settled");
@@ -405,11 +406,13 @@ impl KafkaSink {
                     if self.spool.all_durable() {
                         self.acks.done_through(self.spooled_through);
                     }
-                    if let State::Draining { probing, .. } = &mut self.state
-                        && *probing
+                    if let State::Draining {
+                        cursor,
+                        probing: true,
+                        ..
+                    } = self.state
                     {
-                        *probing = false;
-                        self.kafka_back();
+                        self.kafka_back(cursor);
                     }
                     self.unhold().await;
                 }
@@ -439,7 +442,10 @@ impl KafkaSink {
     /// While draining: keeps up to [`MAX_CHUNKS_IN_FLIGHT`] chunks out (one while probing), and
     /// returns to the direct state once the spool is empty.
     async fn top_up(&mut self) {
-        let State::Draining { cursor, probing } = self.state else {
+        let State::Draining {
+            cursor, probing, ..
+        } = self.state
+        else {
             return;
         };
         let limit = if probing { 1 } else { MAX_CHUNKS_IN_FLIGHT };
@@ -474,8 +480,7 @@ impl KafkaSink {
         }
         if self.in_flight.is_empty() && self.spool.is_empty() && self.held.is_none() {
             info!("Spool drained; writing to Kafka directly again.");
-            self.kafka_back();
-            self.state = State::Direct;
+            self.set_state(State::Direct);
         }
         self.update_status();
     }
@@ -546,23 +551,55 @@ impl KafkaSink {
         }
     }
 
+    /// A write failed: into the failing state (or stays there, with the new reason).
     fn enter_failing(&mut self, failure: &Failure, records: usize) {
         self.replace_producer(failure);
-        let reason = failure.text.as_str();
-        self.failing_since.get_or_insert_with(Instant::now);
-        self.state = State::Failing {
-            retry_at: Instant::now() + self.config.retry_interval,
+        let now = Instant::now();
+        let outage = match self.state.outage() {
+            Some(outage) => Outage {
+                error: failure.text.clone(),
+                ..outage.clone()
+            },
+            None => Outage {
+                since: now,
+                counted_until: now,
+                error: failure.text.clone(),
+            },
         };
-        self.metrics.state.set(1);
-        self.status.send_modify(|s| {
-            s.failing = true;
-            s.last_error = Some(reason.to_owned());
+        self.set_state(State::Failing {
+            outage,
+            retry_at: now + self.config.retry_interval,
         });
-        self.update_status();
         warn!(
-            error = %reason, spooled_records = records, retry_in = ?self.config.retry_interval,
+            error = %failure.text, spooled_records = records,
+            retry_in = ?self.config.retry_interval,
             "Kafka delivery failed; spooling and retrying."
         );
+    }
+
+    /// The one place the state changes. The gauge, the status and the failing-time counter
+    /// follow from the state, so "failing" is stored once.
+    fn set_state(&mut self, state: State) {
+        let now = Instant::now();
+        if let Some(outage) = self.state.outage() {
+            self.metrics.failing_seconds.inc_by(
+                now.saturating_duration_since(outage.counted_until)
+                    .as_secs_f64(),
+            );
+        }
+        self.state = state;
+        if let Some(outage) = self.state.outage_mut() {
+            outage.counted_until = now;
+        }
+        let error = self.state.outage().map(|o| o.error.clone());
+        self.metrics.state.set(i64::from(error.is_some()));
+        self.status.send_if_modified(|s| {
+            let changed = s.failing != error.is_some() || s.last_error != error;
+            s.failing = error.is_some();
+            s.last_error = error;
+            changed
+        });
+        self.update_status();
     }
 
     /// Replaces the producer after a failed write. Its queued records are in the spool, and
@@ -572,17 +609,13 @@ impl KafkaSink {
     /// producer id from the broker; duplicates of records the old one still delivers are
     /// possible, loss is not.
     fn replace_producer(&mut self, failure: &Failure) {
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
+        if let Some(reason) = self.producer.fatal_error() {
             self.metrics.error("fatal");
-            warn!(code = ?code, reason = %reason, "Kafka producer hit a fatal error.");
+            warn!(reason = %reason, "Kafka producer hit a fatal error.");
         } else if failure.breaks_the_producer() {
             self.metrics.error("fatal");
         }
-        match self
-            .config
-            .client_config()
-            .create_with_context(BridgeContext)
-        {
+        match (self.connector)() {
             Ok(producer) => {
                 let old = std::mem::replace(&mut self.producer, producer);
                 // Destroying a librdkafka client waits for its threads: not on this one.
@@ -595,31 +628,20 @@ impl KafkaSink {
         }
     }
 
-    /// Kafka took a write after failing.
-    fn kafka_back(&mut self) {
-        if self.failing_since.is_some() {
-            self.add_failing_time();
-            self.failing_since = None;
+    /// The probe chunk was delivered: Kafka takes writes again; the drain goes on at full pace.
+    fn kafka_back(&mut self, cursor: u64) {
+        if let Some(outage) = self.state.outage() {
             info!(
                 spooled_records = self.spool.records(),
+                failing_for = ?outage.since.elapsed(),
                 "Kafka accepts writes again; draining."
             );
         }
-        self.metrics.state.set(0);
-        self.status.send_modify(|s| {
-            s.failing = false;
-            s.last_error = None;
+        self.set_state(State::Draining {
+            cursor,
+            probing: false,
+            outage: None,
         });
-    }
-
-    fn add_failing_time(&mut self) {
-        if let Some(since) = self.failing_since {
-            let now = Instant::now();
-            self.metrics
-                .failing_seconds
-                .inc_by(now.duration_since(since).as_secs_f64());
-            self.failing_since = Some(now);
-        }
     }
 
     fn update_status(&self) {
@@ -691,105 +713,28 @@ impl KafkaSink {
         } else {
             info!("Kafka task stopped: everything was delivered.");
         }
-        self.add_failing_time();
+        if let Some(outage) = self.state.outage() {
+            self.metrics
+                .failing_seconds
+                .inc_by(outage.counted_until.elapsed().as_secs_f64());
+        }
     }
 
     /// Creates missing topics before a write, once; `false` while that fails.
     async fn ensure_topics(&mut self) -> bool {
-        if self.topics_ready {
+        let Some(topics) = &self.topics else {
             return true;
-        }
-        match self.create_topics().await {
-            Ok(()) => true,
+        };
+        match topics.create(&self.config).await {
+            Ok(()) => {
+                self.topics = None;
+                true
+            }
             Err(e) => {
                 self.metrics.error("create_topic");
                 warn!(error = %e, "Kafka topics cannot be created yet.");
                 false
             }
-        }
-    }
-
-    /// Creates the bridge's topics (the main one and the probe's) unless they exist.
-    async fn create_topics(&mut self) -> Result<(), KafkaError> {
-        if !self.config.auto_create_topics {
-            return Ok(());
-        }
-        let mut names = vec![self.config.topic.as_str()];
-        names.extend(self.config.test_topic.as_deref());
-        let topics: Vec<NewTopic> = names
-            .iter()
-            .map(|name| {
-                NewTopic::new(
-                    name,
-                    self.config.topic_partitions,
-                    TopicReplication::Fixed(self.config.topic_replication),
-                )
-            })
-            .collect();
-        let options = AdminOptions::new()
-            .request_timeout(Some(self.config.startup_timeout))
-            .operation_timeout(Some(self.config.startup_timeout));
-        let results = self
-            .admin
-            .create_topics(&topics, &options)
-            .await
-            .map_err(|e| KafkaError::CreateTopic {
-                topic: names.join(","),
-                brokers: self.config.brokers.clone(),
-                reason: match e {
-                    RdKafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut) => {
-                        format!("no answer within {:?}", self.config.startup_timeout)
-                    }
-                    _ => e.to_string(),
-                },
-            })?;
-        for result in results {
-            match result {
-                Ok(topic) => info!(topic = %topic, "Created Kafka topic."),
-                Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
-                    debug!(topic = %topic, "Kafka topic exists.");
-                }
-                Err((topic, code)) => {
-                    return Err(KafkaError::CreateTopic {
-                        topic,
-                        brokers: self.config.brokers.clone(),
-                        reason: code.to_string(),
-                    });
-                }
-            }
-        }
-        self.topics_ready = true;
-        Ok(())
-    }
-
-    /// Writes Metamorphosis' start-up probe to `topic` and waits for Kafka's acknowledgement.
-    async fn probe(&self, topic: &str) -> Result<(), KafkaError> {
-        let mut value = Vec::new();
-        envelope::encode(PROBE_TOPIC_FIELD, PROBE_CONTENT, &mut value);
-        let failed = |reason: String| KafkaError::Probe {
-            topic: topic.to_owned(),
-            brokers: self.config.brokers.clone(),
-            reason,
-        };
-        let reports = Reports::new();
-        self.enqueue(topic, None, &value, reports.ticket(0))
-            .await
-            .map_err(|f| failed(f.text))?;
-        if tokio::time::timeout(self.config.startup_timeout, reports.wait())
-            .await
-            .is_err()
-        {
-            return Err(failed(format!(
-                "not acknowledged within {:?}",
-                self.config.startup_timeout
-            )));
-        }
-        match reports.take_failures().into_iter().next() {
-            None => {
-                info!(topic = %topic, "Kafka start-up probe acknowledged.");
-                Ok(())
-            }
-            Some((_, failure)) => Err(failed(failure.text)),
         }
     }
 }
@@ -801,4 +746,469 @@ fn drop_too_large(metrics: &KafkaMetrics, record: &Record, failure: &Failure) {
         mqtt_topic = %record.key, bytes = record.value.len(), error = %failure.text,
         "Record larger than Kafka accepts, dropped."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use mkb_bridge::{AckWatermark, ack_channel};
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::producer::fake::{Outcome, Script};
+    use crate::spool::{FullPolicy, SpoolConfig};
+
+    const RETRY: Duration = Duration::from_secs(10);
+
+    fn config(dir: &Path) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "kafka.invalid:9092".to_owned(),
+            topic: "bridge".to_owned(),
+            auto_create_topics: false,
+            topic_partitions: 1,
+            topic_replication: 1,
+            test_topic: None,
+            startup_timeout: Duration::from_secs(5),
+            retry_interval: RETRY,
+            delivery_timeout: Duration::from_secs(3),
+            properties: Vec::new(),
+            max_batch_size: 50,
+            shutdown_grace: Duration::from_secs(5),
+            spool: SpoolConfig {
+                dir: Some(dir.join("spool")),
+                memory_bytes: 1 << 20,
+                disk_bytes: 1 << 20,
+                full_policy: FullPolicy::Block,
+                persist_all: true,
+            },
+        }
+    }
+
+    /// A running Kafka task over a scripted producer.
+    struct Task {
+        input: Option<mpsc::Sender<Batch>>,
+        acks: AckWatermark,
+        status: watch::Receiver<KafkaStatus>,
+        metrics: KafkaMetrics,
+        script: Script,
+        task: JoinHandle<()>,
+        dir: tempfile::TempDir,
+    }
+
+    async fn start(script: &Script, adjust: impl FnOnce(&mut KafkaConfig)) -> Task {
+        start_with(script, adjust, |_| {}).await
+    }
+
+    async fn start_with(
+        script: &Script,
+        adjust: impl FnOnce(&mut KafkaConfig),
+        prepare: impl FnOnce(&mut Spool),
+    ) -> Task {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = config(dir.path());
+        adjust(&mut config);
+        let metrics = KafkaMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        let (handle, acks) = ack_channel();
+        let mut spool = Spool::open(config.spool.clone(), metrics.spool.clone())
+            .await
+            .expect("spool");
+        prepare(&mut spool);
+        let connector = script.connector();
+        let producer = connector().expect("fake producer");
+        let sink = KafkaSink::new(
+            config,
+            metrics.clone(),
+            handle,
+            spool,
+            producer,
+            connector,
+            None,
+        );
+        let status = sink.status();
+        let (input, batches) = mpsc::channel(2);
+        Task {
+            input: Some(input),
+            acks,
+            status,
+            metrics,
+            script: script.clone(),
+            task: tokio::spawn(sink.run(batches)),
+            dir,
+        }
+    }
+
+    /// Messages numbered `from` to `from + count - 1` (receipt numbers start at 1); each
+    /// record's value is its number.
+    fn batch(from: u64, count: u64) -> Batch {
+        Batch {
+            records: (from..from + count)
+                .map(|n| Record {
+                    seq: n,
+                    key: format!("topic/{}", n % 3),
+                    value: n.to_string().into_bytes(),
+                    received_at: Instant::now(),
+                })
+                .collect(),
+        }
+    }
+
+    fn numbers(from: u64, count: u64) -> Vec<String> {
+        (from..from + count).map(|n| n.to_string()).collect()
+    }
+
+    impl Task {
+        async fn send(&self, batch: Batch) {
+            let input = self.input.as_ref().expect("input open");
+            input.send(batch).await.expect("task running");
+        }
+
+        /// Waits (in paused time) until `condition` holds, failing after a minute.
+        async fn until(&self, what: &str, condition: impl Fn(&Self) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !condition(self) {
+                assert!(Instant::now() < deadline, "gave up waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+
+        fn watermark(&self) -> u64 {
+            self.acks.get()
+        }
+
+        fn failing(&self) -> bool {
+            self.status.borrow().failing
+        }
+
+        async fn stop(mut self) -> Self {
+            self.input = None;
+            (&mut self.task).await.expect("task ends cleanly");
+            self
+        }
+    }
+
+    /// Every number delivered is among those sent, and the last copies are in order.
+    fn assert_in_order(delivered: &[String], sent: u64) {
+        let mut last_copies: Vec<u64> = Vec::new();
+        for value in delivered.iter().rev() {
+            let n: u64 = value.parse().expect("a number");
+            assert!((1..=sent).contains(&n), "{n} was never sent");
+            if !last_copies.contains(&n) {
+                last_copies.push(n);
+            }
+        }
+        last_copies.reverse();
+        assert_eq!(
+            last_copies,
+            (1..=sent).collect::<Vec<_>>(),
+            "last copies in order"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_are_acknowledged_once_kafka_has_them() {
+        let script = Script::default();
+        script.otherwise(Outcome::DeliverAfter(Duration::from_millis(100)));
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 10)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(task.watermark(), 0, "nothing acknowledged before delivery");
+        task.until("the batch acknowledged", |t| t.watermark() == 10)
+            .await;
+        assert_eq!(script.delivered(), numbers(1, 10));
+        assert_eq!(task.metrics.records_sent.get(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watermark_never_passes_a_record_kafka_has_not_confirmed() {
+        let script = Script::default();
+        script
+            .then(5, Outcome::DeliverAfter(Duration::from_millis(500)))
+            .otherwise(Outcome::Deliver);
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 5)).await;
+        task.send(batch(6, 5)).await;
+        task.until("the second batch delivered", |t| {
+            t.script.delivered().len() == 5
+        })
+        .await;
+        assert_eq!(task.watermark(), 0, "the first batch is not confirmed yet");
+        task.until("both acknowledged", |t| t.watermark() == 10)
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_record_and_everything_after_it_go_behind_the_spool_in_order() {
+        let script = Script::default();
+        script
+            .then(15, Outcome::Deliver)
+            .then(100, Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start(&script, |_| {}).await;
+        for first in [1, 11, 21, 31] {
+            task.send(batch(first, 10)).await;
+        }
+        task.until("the failing state", |t| t.failing()).await;
+        assert_eq!(task.metrics.state.get(), 1);
+        task.send(batch(41, 10)).await;
+        // The retry succeeds (the script is used up: deliver), and everything arrives.
+        task.until("everything acknowledged", |t| t.watermark() == 50)
+            .await;
+        task.until("Kafka back", |t| !t.failing()).await;
+        assert_in_order(&script.delivered(), 50);
+        assert!(task.metrics.failing_seconds.get() >= RETRY.as_secs_f64());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spooled_messages_are_acknowledged_at_the_fsync_not_on_delivery() {
+        let script = Script::default();
+        script.otherwise(Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 10)).await;
+        task.until("the failing state", |t| t.failing()).await;
+        assert_eq!(task.watermark(), 10, "the failed batch is on disk");
+        task.send(batch(11, 10)).await;
+        task.until("the next batch on disk", |t| t.watermark() == 20)
+            .await;
+        assert!(script.delivered().is_empty(), "nothing reached Kafka");
+        assert_eq!(task.metrics.spool.disk_records.get(), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_probes_with_one_chunk_before_draining_at_full_pace() {
+        let script = Script::default();
+        script.then(1, Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 1)).await;
+        task.until("the failing state", |t| t.failing()).await;
+        for first in (2..200).step_by(11) {
+            task.send(batch(first, 11)).await;
+        }
+        task.until("everything spooled", |t| t.watermark() == 199)
+            .await;
+        let handed = script.handed();
+        // The probe: one chunk (max_batch_size 50, whole entries) and no more until it is in.
+        script
+            .then(50, Outcome::DeliverAfter(Duration::from_secs(1)))
+            .otherwise(Outcome::Deliver);
+        tokio::time::sleep(RETRY + Duration::from_millis(500)).await;
+        let probe = script.handed() - handed;
+        assert!(
+            (1..=50).contains(&probe),
+            "{probe} records out while probing"
+        );
+        assert!(task.failing(), "still failing until the probe is delivered");
+        task.until("the spool drained", |t| {
+            t.metrics.spool.disk_records.get() == 0 && !t.failing()
+        })
+        .await;
+        assert_in_order(&script.delivered(), 199);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_ends_in_the_direct_state() {
+        let script = Script::default();
+        script.then(1, Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 10)).await;
+        task.until("the failing state", |t| t.failing()).await;
+        task.until("drained", |t| !t.failing() && t.watermark() == 10)
+            .await;
+        task.until("spool empty", |t| t.metrics.spool.disk_records.get() == 0)
+            .await;
+        assert_eq!(task.metrics.state.get(), 0);
+        // Direct again: a new batch is not spooled.
+        let spooled = task.metrics.spool.spooled.get();
+        task.send(batch(11, 10)).await;
+        task.until("acknowledged", |t| t.watermark() == 20).await;
+        assert_eq!(task.metrics.spool.spooled.get(), spooled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_too_large_for_kafka_is_dropped_counted_and_the_rest_goes_on() {
+        let script = Script::default();
+        script.then(3, Outcome::Deliver).then(1, Outcome::TooLarge);
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 10)).await;
+        task.until("acknowledged", |t| t.watermark() == 10).await;
+        let delivered = script.delivered();
+        assert_eq!(delivered.len(), 9);
+        assert!(!delivered.contains(&"4".to_owned()));
+        assert!(!task.failing(), "a record too large is not an outage");
+        assert_eq!(task.metrics.records_sent.get(), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_local_queue_is_waited_out() {
+        let script = Script::default();
+        script.then(3, Outcome::QueueFull);
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 5)).await;
+        task.until("acknowledged", |t| t.watermark() == 5).await;
+        assert_eq!(script.delivered(), numbers(1, 5));
+        assert!(!task.failing());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fenced_producer_is_replaced_by_a_fresh_one() {
+        let script = Script::default();
+        script.then(1, Outcome::Fenced);
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 5)).await;
+        task.until("the failing state", |t| t.failing()).await;
+        assert_eq!(
+            script.producers(),
+            2,
+            "a new producer after the failed write"
+        );
+        task.until("delivered by the new one", |t| {
+            t.watermark() == 5 && !t.failing()
+        })
+        .await;
+        assert_in_order(&script.delivered(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_block_a_full_spool_holds_the_batch_until_the_drain_makes_room() {
+        let script = Script::default();
+        script.otherwise(Outcome::TimeOut(Duration::from_secs(3)));
+        // Room on disk for about three batches of ten.
+        let task = start(&script, |c| c.spool.disk_bytes = 1_000).await;
+        task.send(batch(1, 10)).await;
+        task.until("the failing state", |t| t.failing()).await;
+        for first in [11, 21, 31, 41] {
+            task.send(batch(first, 10)).await;
+        }
+        task.until("the spool full", |t| t.status.borrow().full)
+            .await;
+        let watermark = task.watermark();
+        assert!(watermark < 50, "the held batch is not acknowledged");
+        let input = task.input.as_ref().expect("input");
+        let mut stuffed = 0;
+        while input.try_send(batch(51 + stuffed * 10, 10)).is_ok() {
+            stuffed += 1;
+        }
+        assert!(stuffed <= 2, "the task stopped reading its input");
+        script.otherwise(Outcome::Deliver);
+        let total = 50 + stuffed * 10;
+        task.until("everything acknowledged", |t| t.watermark() == total)
+            .await;
+        task.until("drained", |t| !t.failing()).await;
+        assert_in_order(&script.delivered(), total);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drop_newest_counts_every_record_it_drops() {
+        let script = Script::default();
+        script.otherwise(Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start(&script, |c| {
+            c.spool.dir = None;
+            c.spool.persist_all = false;
+            c.spool.memory_bytes = 3_000;
+            c.spool.full_policy = FullPolicy::DropNewest;
+        })
+        .await;
+        for first in (1..100).step_by(10) {
+            task.send(batch(first, 10)).await;
+        }
+        task.until("all done", |t| t.watermark() == 100).await;
+        let kept = task.metrics.spool.memory_records.get() as u64;
+        let dropped = 100 - kept;
+        assert!(kept > 0 && dropped > 0, "kept {kept}");
+        assert_eq!(task.metrics.dropped_count("spool_full_newest"), dropped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_saves_what_kafka_has_not_confirmed_to_disk() {
+        let script = Script::default();
+        script.otherwise(Outcome::DeliverAfter(Duration::from_secs(3600)));
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 10)).await;
+        task.send(batch(11, 10)).await;
+        task.until("handed over", |t| t.script.handed() == 20).await;
+        let task = task.stop().await;
+        assert_eq!(task.watermark(), 0, "nothing was confirmed");
+        let metrics = KafkaMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        let mut spool = Spool::open(config(task.dir.path()).spool, metrics.spool)
+            .await
+            .expect("reopen");
+        let saved: Vec<String> = spool
+            .read_after(0, usize::MAX)
+            .await
+            .into_iter()
+            .flat_map(|e| e.records)
+            .map(|r| String::from_utf8(r.value).expect("utf-8"))
+            .collect();
+        assert_eq!(saved, numbers(1, 20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_disk_that_fails_holds_acknowledgements_until_it_works_again() {
+        let script = Script::default();
+        script.otherwise(Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start_with(&script, |_| {}, |spool| spool.fail_next_writes(2)).await;
+        task.send(batch(1, 10)).await;
+        task.until("the disk error in the status", |t| {
+            t.status.borrow().spool_error.is_some()
+        })
+        .await;
+        assert_eq!(task.watermark(), 0, "nothing durable, nothing acknowledged");
+        assert_eq!(task.metrics.spool.disk_available.get(), 0);
+        // Retried every DISK_RETRY without new input; the third write works.
+        task.until("acknowledged once on disk", |t| t.watermark() == 10)
+            .await;
+        assert!(task.status.borrow().spool_error.is_none());
+        assert_eq!(task.metrics.spool.disk_records.get(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_held_in_memory_only_are_acknowledged_once_kafka_has_them() {
+        let script = Script::default();
+        script.then(10, Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start(&script, |c| c.spool.dir = None).await;
+        task.send(batch(1, 10)).await;
+        task.until("the failing state", |t| t.failing()).await;
+        assert_eq!(task.watermark(), 0, "held in memory only: not acknowledged");
+        task.until("acknowledged after the drain", |t| t.watermark() == 10)
+            .await;
+        assert_eq!(script.delivered(), numbers(1, 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spool_left_by_a_previous_run_drains_before_new_batches() {
+        let script = Script::default();
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let metrics = KafkaMetrics::new(&prometheus::Registry::new()).expect("metrics");
+            let mut spool = Spool::open(config(dir.path()).spool, metrics.spool)
+                .await
+                .expect("spool");
+            let _ = spool.push(batch(1, 20).records);
+            assert!(spool.flush().await);
+        }
+        let spool_dir = dir.path().join("spool");
+        let task = start(&script, |c| c.spool.dir = Some(spool_dir)).await;
+        task.send(batch(21, 10)).await;
+        task.until("everything delivered", |t| t.script.delivered().len() == 30)
+            .await;
+        assert_eq!(script.delivered(), numbers(1, 30));
+        task.until("acknowledged", |t| t.watermark() == 30).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_status_gives_the_reason_while_failing_and_clears_when_kafka_is_back() {
+        let script = Script::default();
+        script.then(1, Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start(&script, |_| {}).await;
+        task.send(batch(1, 1)).await;
+        task.until("the failing state", |t| t.failing()).await;
+        let error = task.status.borrow().last_error.clone();
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains("timed out")),
+            "{error:?}"
+        );
+        task.until("Kafka back", |t| !t.failing()).await;
+        assert_eq!(task.status.borrow().last_error, None);
+        assert_eq!(task.metrics.state.get(), 0);
+    }
 }

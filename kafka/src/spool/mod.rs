@@ -222,6 +222,14 @@ impl Spool {
             .is_some()
     }
 
+    /// Unit tests: the next `count` disk writes fail as on a full disk.
+    #[cfg(test)]
+    pub(crate) fn fail_next_writes(&mut self, count: usize) {
+        if let Some(log) = &mut self.log {
+            log.fail_writes = count;
+        }
+    }
+
     /// Whether the disk tier is in use (open and writing).
     pub fn has_disk(&self) -> bool {
         self.log.is_some() && self.disk_error.is_none()
@@ -1024,7 +1032,7 @@ mod tests {
         config.persist_all = true;
         let mut spool = open(config).await;
         push_batches(&mut spool, 1).await;
-        spool.log.as_mut().expect("disk").fail_writes = 2;
+        spool.fail_next_writes(2);
         taken(spool.push(records(10, 10)));
         assert!(!spool.flush().await, "not durable: the write failed");
         assert!(spool.disk_error().is_some_and(|e| e.contains("No space")));

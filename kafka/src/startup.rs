@@ -1,0 +1,155 @@
+//! Start-up of the Kafka side: the producer, the spool, the bridge's topics (created through the
+//! Admin API when missing, since some brokers do not create topics on produce) and
+//! Metamorphosis' start-up probe.
+
+use mkb_bridge::{AckHandle, envelope};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use tracing::{debug, info, warn};
+
+use crate::context::BridgeContext;
+use crate::delivery::Reports;
+use crate::producer::{self, Produce};
+use crate::spool::Spool;
+use crate::{KafkaConfig, KafkaError, KafkaMetrics, KafkaSink};
+
+/// The probe Metamorphosis writes at start-up; kept identical for existing dashboards.
+const PROBE_TOPIC_FIELD: &str = "test";
+const PROBE_CONTENT: &[u8] = b"Internal test to see if kafka is alive at startup";
+
+impl KafkaSink {
+    /// Opens the spool, builds the producer, creates missing topics and, when configured, runs
+    /// the start-up probe.
+    ///
+    /// Without a probe topic an unreachable Kafka is not an error here: the bridge starts, and
+    /// the records wait in the spool until Kafka answers.
+    pub async fn connect(
+        config: KafkaConfig,
+        metrics: KafkaMetrics,
+        acks: AckHandle,
+    ) -> Result<Self, KafkaError> {
+        let spool = Spool::open(config.spool.clone(), metrics.spool.clone()).await?;
+        let connector = producer::rdkafka_connector(&config);
+        let producer = connector()?;
+        let topics = if config.auto_create_topics {
+            let admin = config
+                .client_config()
+                .create_with_context(BridgeContext)
+                .map_err(KafkaError::Client)?;
+            Some(Topics { admin })
+        } else {
+            None
+        };
+        let mut topics_ready = topics.is_none();
+        if let Some(test_topic) = &config.test_topic {
+            if let Some(topics) = &topics {
+                topics.create(&config).await?;
+                topics_ready = true;
+            }
+            probe(producer.as_ref(), &metrics, test_topic, &config).await?;
+        } else if let Some(topics) = &topics {
+            match topics.create(&config).await {
+                Ok(()) => topics_ready = true,
+                Err(e) => warn!(
+                    error = %e,
+                    "Kafka topics not ready yet; trying again before the first write."
+                ),
+            }
+        }
+        let topics = if topics_ready { None } else { topics };
+        Ok(KafkaSink::new(
+            config, metrics, acks, spool, producer, connector, topics,
+        ))
+    }
+}
+
+/// Creates the bridge's topics (the main one and the probe's) unless they exist.
+pub(crate) struct Topics {
+    admin: AdminClient<BridgeContext>,
+}
+
+impl Topics {
+    pub(crate) async fn create(&self, config: &KafkaConfig) -> Result<(), KafkaError> {
+        let mut names = vec![config.topic.as_str()];
+        names.extend(config.test_topic.as_deref());
+        let topics: Vec<NewTopic> = names
+            .iter()
+            .map(|name| {
+                NewTopic::new(
+                    name,
+                    config.topic_partitions,
+                    TopicReplication::Fixed(config.topic_replication),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new()
+            .request_timeout(Some(config.startup_timeout))
+            .operation_timeout(Some(config.startup_timeout));
+        let results = self
+            .admin
+            .create_topics(&topics, &options)
+            .await
+            .map_err(|e| KafkaError::CreateTopic {
+                topic: names.join(","),
+                brokers: config.brokers.clone(),
+                reason: match e {
+                    RdKafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut) => {
+                        format!("no answer within {:?}", config.startup_timeout)
+                    }
+                    _ => e.to_string(),
+                },
+            })?;
+        for result in results {
+            match result {
+                Ok(topic) => info!(topic = %topic, "Created Kafka topic."),
+                Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    debug!(topic = %topic, "Kafka topic exists.");
+                }
+                Err((topic, code)) => {
+                    return Err(KafkaError::CreateTopic {
+                        topic,
+                        brokers: config.brokers.clone(),
+                        reason: code.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes Metamorphosis' start-up probe to `topic` and waits for Kafka's acknowledgement.
+async fn probe(
+    producer: &dyn Produce,
+    metrics: &KafkaMetrics,
+    topic: &str,
+    config: &KafkaConfig,
+) -> Result<(), KafkaError> {
+    let mut value = Vec::new();
+    envelope::encode(PROBE_TOPIC_FIELD, PROBE_CONTENT, &mut value);
+    let failed = |reason: String| KafkaError::Probe {
+        topic: topic.to_owned(),
+        brokers: config.brokers.clone(),
+        reason,
+    };
+    let reports = Reports::new();
+    producer::enqueue(producer, metrics, topic, None, &value, reports.ticket(0))
+        .await
+        .map_err(|f| failed(f.text))?;
+    if tokio::time::timeout(config.startup_timeout, reports.wait())
+        .await
+        .is_err()
+    {
+        return Err(failed(format!(
+            "not acknowledged within {:?}",
+            config.startup_timeout
+        )));
+    }
+    match reports.take_failures().into_iter().next() {
+        None => {
+            info!(topic = %topic, "Kafka start-up probe acknowledged.");
+            Ok(())
+        }
+        Some((_, failure)) => Err(failed(failure.text)),
+    }
+}
