@@ -4,6 +4,7 @@
 //! source task should not care, so this module maps both onto [`Incoming`] and [`PollError`];
 //! everything version-specific (session expiry, Receive Maximum, reason codes) stays here.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -122,9 +123,25 @@ impl Connection {
             }
         }
     }
+}
 
+/// The seam between the MQTT task and its connection: [`Connection`] here, a scripted fake in
+/// the task's unit tests (so its acknowledgement and intake rules are tested in paused time,
+/// and the integration tests prove that a real Mosquitto agrees).
+pub(crate) trait Link {
     /// Drives the connection until the next event; reconnects when called after an error.
-    pub(crate) async fn poll(&mut self) -> Result<Incoming, PollError> {
+    fn poll(&mut self) -> impl Future<Output = Result<Incoming, PollError>> + Send;
+    /// Queues a SUBSCRIBE for every filter, without waiting (see the source task's invariant).
+    fn subscribe(&self, filters: &[String], qos: QoS) -> Result<(), String>;
+    /// Queues the acknowledgement (PUBACK, or PUBREC for QoS 2) of a received message, without
+    /// waiting; `false` when the request channel is full.
+    fn ack(&self, qos: QoS, pkid: u16) -> bool;
+    /// Queues a DISCONNECT, without waiting.
+    fn disconnect(&self) -> bool;
+}
+
+impl Link for Connection {
+    async fn poll(&mut self) -> Result<Incoming, PollError> {
         match self {
             Self::V311 { eventloop, .. } => match eventloop.poll().await {
                 Ok(event) => Ok(incoming_311(event)),
@@ -137,8 +154,7 @@ impl Connection {
         }
     }
 
-    /// Queues a SUBSCRIBE for every filter, without waiting (see the source task's invariant).
-    pub(crate) fn subscribe(&self, filters: &[String], qos: QoS) -> Result<(), String> {
+    fn subscribe(&self, filters: &[String], qos: QoS) -> Result<(), String> {
         match self {
             Self::V311 { client, .. } => {
                 let filters = filters
@@ -159,9 +175,7 @@ impl Connection {
         }
     }
 
-    /// Queues the acknowledgement (PUBACK, or PUBREC for QoS 2) of a received message, without
-    /// waiting; `false` when the request channel is full.
-    pub(crate) fn ack(&self, qos: QoS, pkid: u16) -> bool {
+    fn ack(&self, qos: QoS, pkid: u16) -> bool {
         match self {
             Self::V311 { client, .. } => {
                 let mut publish = rumqttc::Publish::new("", qos_311(qos), Vec::new());
@@ -176,8 +190,7 @@ impl Connection {
         }
     }
 
-    /// Queues a DISCONNECT, without waiting.
-    pub(crate) fn disconnect(&self) -> bool {
+    fn disconnect(&self) -> bool {
         match self {
             Self::V311 { client, .. } => client.try_disconnect().is_ok(),
             Self::V5 { client, .. } => client.try_disconnect().is_ok(),

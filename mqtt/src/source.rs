@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::connection::{Connection, Incoming, MqttVersion, PollError};
+use crate::connection::{Connection, Incoming, Link, MqttVersion, PollError};
 use crate::{Backoff, MqttMetrics};
 
 /// User name and password for the MQTT broker. `Debug` never shows the password.
@@ -172,13 +172,24 @@ impl MqttSource {
     /// Runs until `shutdown` completes, then drains and disconnects. `done` is the Kafka side's
     /// report of finished messages (used with `after-write` acknowledgements).
     pub async fn run(
+        self,
+        output: mpsc::Sender<Message>,
+        done: AckWatermark,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let connection = Connection::new(&self.config, self.config.tls.clone());
+        self.run_on(connection, output, done, shutdown).await;
+    }
+
+    /// [`MqttSource::run`] over a given connection.
+    async fn run_on(
         mut self,
+        mut connection: impl Link,
         output: mpsc::Sender<Message>,
         mut done: AckWatermark,
         shutdown: impl Future<Output = ()>,
     ) {
         let broker = format!("{}:{}", self.config.host, self.config.port);
-        let mut connection = Connection::new(&self.config, self.config.tls.clone());
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         let mut acks_open = self.config.ack_mode == AckMode::AfterWrite;
         tokio::pin!(shutdown);
@@ -329,7 +340,7 @@ impl MqttSource {
     /// Queues, in receipt order, the acknowledgement of every remembered message the Kafka side
     /// reported done. Stops while the client's request channel is full; the run loop calls it
     /// again after every connection event, which is when the channel gains room.
-    fn acknowledge(&mut self, connection: &Connection) {
+    fn acknowledge(&mut self, connection: &impl Link) {
         if !self.connected || !self.acks_due() {
             return;
         }
@@ -352,7 +363,7 @@ impl MqttSource {
             .is_some_and(|u| u.seq <= self.done_through)
     }
 
-    fn on_connected(&mut self, connection: &Connection, broker: &str, session_present: bool) {
+    fn on_connected(&mut self, connection: &impl Link, broker: &str, session_present: bool) {
         // The broker sends every unacknowledged message again on the new connection; acking
         // the old packet ids would not name the right messages.
         self.unacked.clear();
@@ -420,7 +431,7 @@ impl MqttSource {
     /// the connection, then hands on the intake queue.
     async fn drain_on_receipt(
         &mut self,
-        connection: &mut Connection,
+        connection: &mut impl Link,
         output: &mpsc::Sender<Message>,
     ) {
         if connection.disconnect() {
@@ -455,7 +466,7 @@ impl MqttSource {
     /// acknowledged: the broker keeps them for the next start.
     async fn drain_after_write(
         &mut self,
-        connection: &mut Connection,
+        connection: &mut impl Link,
         output: mpsc::Sender<Message>,
         done: &mut AckWatermark,
     ) {
@@ -516,5 +527,347 @@ impl MqttSource {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use mkb_bridge::{AckHandle, ack_channel};
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    /// What the scripted broker saw of the task: acknowledged packet ids, subscriptions,
+    /// disconnects.
+    #[derive(Default)]
+    struct Seen {
+        acks: Mutex<Vec<u16>>,
+        subscribes: AtomicUsize,
+        disconnects: AtomicUsize,
+        /// Acknowledgements the request channel still takes before it is full.
+        room: AtomicUsize,
+    }
+
+    /// A connection whose events the test sends.
+    struct ScriptedLink {
+        events: mpsc::UnboundedReceiver<Result<Incoming, PollError>>,
+        seen: Arc<Seen>,
+    }
+
+    impl Link for ScriptedLink {
+        async fn poll(&mut self) -> Result<Incoming, PollError> {
+            match self.events.recv().await {
+                Some(event) => event,
+                None => std::future::pending().await,
+            }
+        }
+
+        fn subscribe(&self, _filters: &[String], _qos: QoS) -> Result<(), String> {
+            self.seen.subscribes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+
+        fn ack(&self, _qos: QoS, pkid: u16) -> bool {
+            let took = self
+                .seen
+                .room
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
+                .is_ok();
+            if took {
+                self.seen.acks.lock().expect("lock").push(pkid);
+            }
+            took
+        }
+
+        fn disconnect(&self) -> bool {
+            self.seen.disconnects.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+    }
+
+    fn config(ack_mode: AckMode) -> MqttConfig {
+        MqttConfig {
+            host: "mqtt.invalid".to_owned(),
+            port: 1883,
+            version: MqttVersion::V311,
+            client_id: "bridge".to_owned(),
+            filters: vec!["cars/#".to_owned()],
+            qos: QoS::AtLeastOnce,
+            keep_alive: Duration::from_secs(30),
+            clean_session: false,
+            max_packet_size: 1 << 20,
+            receive_maximum: 1000,
+            credentials: None,
+            tls: None,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            ack_mode,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+
+    struct Task {
+        broker: mpsc::UnboundedSender<Result<Incoming, PollError>>,
+        seen: Arc<Seen>,
+        output: mpsc::Receiver<Message>,
+        done: AckHandle,
+        status: watch::Receiver<MqttStatus>,
+        metrics: MqttMetrics,
+        stop: Option<oneshot::Sender<()>>,
+        task: JoinHandle<()>,
+    }
+
+    /// A task with a pipeline of `capacity` messages, connected and subscribed.
+    async fn start(ack_mode: AckMode, capacity: usize) -> Task {
+        let (broker, events) = mpsc::unbounded_channel();
+        let seen = Arc::new(Seen::default());
+        seen.room.store(usize::MAX, Ordering::Relaxed);
+        let link = ScriptedLink {
+            events,
+            seen: seen.clone(),
+        };
+        let metrics = MqttMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        let source = MqttSource::new(config(ack_mode), metrics.clone());
+        let status = source.status();
+        let (output_tx, output) = mpsc::channel(capacity);
+        let (done, watermark) = ack_channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(source.run_on(link, output_tx, watermark, async {
+            let _ = stopped.await;
+        }));
+        let task = Task {
+            broker,
+            seen,
+            output,
+            done,
+            status,
+            metrics,
+            stop: Some(stop),
+            task,
+        };
+        task.event(Incoming::ConnAck {
+            session_present: false,
+        });
+        task.event(Incoming::SubAck(vec![Ok(QoS::AtLeastOnce)]));
+        task.settle().await;
+        task
+    }
+
+    fn publish(pkid: u16, qos: QoS, payload: usize) -> Incoming {
+        Incoming::Publish {
+            topic: format!("cars/{pkid}"),
+            payload: bytes::Bytes::from(vec![b'x'; payload]),
+            qos,
+            pkid,
+        }
+    }
+
+    impl Task {
+        fn event(&self, incoming: Incoming) {
+            self.broker.send(Ok(incoming)).expect("task polls");
+        }
+
+        fn fail(&self, message: &str) {
+            let error = PollError {
+                refused: false,
+                message: message.to_owned(),
+            };
+            self.broker.send(Err(error)).expect("task polls");
+        }
+
+        /// Lets the task handle everything sent so far.
+        async fn settle(&self) {
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        fn acks(&self) -> Vec<u16> {
+            self.seen.acks.lock().expect("lock").clone()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connecting_subscribes_and_reports_ready() {
+        let task = start(AckMode::AfterWrite, 10).await;
+        assert_eq!(task.seen.subscribes.load(Ordering::Relaxed), 1);
+        let status = task.status.borrow().clone();
+        assert!(status.connected && status.subscribed, "{status:?}");
+        assert_eq!(task.metrics.subscribed.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_are_acknowledged_only_once_the_kafka_side_reports_them_done() {
+        let mut task = start(AckMode::AfterWrite, 10).await;
+        for pkid in 1..=5 {
+            task.event(publish(pkid, QoS::AtLeastOnce, 10));
+        }
+        task.settle().await;
+        let numbers: Vec<u64> = (0..5)
+            .map(|_| task.output.try_recv().expect("passed on").seq)
+            .collect();
+        assert_eq!(numbers, [1, 2, 3, 4, 5]);
+        assert!(task.acks().is_empty(), "nothing is done yet");
+        assert_eq!(task.metrics.awaiting_ack.get(), 5);
+        task.done.done_through(3);
+        task.settle().await;
+        assert_eq!(
+            task.acks(),
+            [1, 2, 3],
+            "in receipt order, only what is done"
+        );
+        task.done.done_through(5);
+        task.settle().await;
+        assert_eq!(task.acks(), [1, 2, 3, 4, 5]);
+        assert_eq!(task.metrics.awaiting_ack.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn qos_0_messages_are_never_acknowledged() {
+        let mut task = start(AckMode::AfterWrite, 10).await;
+        task.event(publish(0, QoS::AtMostOnce, 10));
+        task.event(publish(7, QoS::AtLeastOnce, 10));
+        task.settle().await;
+        assert_eq!(task.output.try_recv().expect("first").seq, 1);
+        task.done.done_through(2);
+        task.settle().await;
+        assert_eq!(task.acks(), [7]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acknowledgements_of_a_lost_connection_are_forgotten() {
+        let task = start(AckMode::AfterWrite, 10).await;
+        for pkid in 1..=3 {
+            task.event(publish(pkid, QoS::AtLeastOnce, 10));
+        }
+        task.settle().await;
+        task.fail("connection reset");
+        task.settle().await;
+        assert!(!task.status.borrow().connected);
+        // Done while disconnected, and after the new ConnAck: the broker sends them again under
+        // new packet ids, so the old ones are never acknowledged.
+        task.done.done_through(3);
+        task.settle().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        task.event(Incoming::ConnAck {
+            session_present: true,
+        });
+        task.settle().await;
+        assert!(task.acks().is_empty(), "acked {:?}", task.acks());
+        assert_eq!(task.metrics.awaiting_ack.get(), 0);
+        assert_eq!(task.metrics.reconnects.get(), 1);
+        assert_eq!(task.seen.subscribes.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acknowledgements_wait_while_the_request_channel_is_full() {
+        let task = start(AckMode::AfterWrite, 10).await;
+        for pkid in 1..=4 {
+            task.event(publish(pkid, QoS::AtLeastOnce, 10));
+        }
+        task.settle().await;
+        task.seen.room.store(2, Ordering::Relaxed);
+        task.done.done_through(4);
+        task.settle().await;
+        assert_eq!(task.acks(), [1, 2]);
+        // The next event of the connection means the event loop took requests: the rest go.
+        task.seen.room.store(usize::MAX, Ordering::Relaxed);
+        task.event(Incoming::Other);
+        task.settle().await;
+        assert_eq!(task.acks(), [1, 2, 3, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn qos_0_beyond_the_intake_limit_is_dropped_and_counted() {
+        // A pipeline of one message that nobody reads: everything else waits in the intake.
+        let task = start(AckMode::AfterWrite, 1).await;
+        let payload = 1 << 20;
+        for _ in 0..20 {
+            task.event(publish(0, QoS::AtMostOnce, payload));
+        }
+        task.settle().await;
+        let queued = task.metrics.intake.get() as usize;
+        let dropped = task.metrics.dropped_intake_full.get() as usize;
+        assert_eq!(1 + queued + dropped, 20);
+        assert!(dropped >= 4, "dropped {dropped}");
+        assert!(queued * payload <= INTAKE_LIMIT_BYTES);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn qos_1_beyond_the_intake_limit_is_queued_not_dropped() {
+        let mut task = start(AckMode::AfterWrite, 1).await;
+        let payload = 1 << 20;
+        for pkid in 1..=20 {
+            task.event(publish(pkid, QoS::AtLeastOnce, payload));
+        }
+        task.settle().await;
+        assert_eq!(task.metrics.dropped_intake_full.get(), 0);
+        // All of them come out, in order, as the pipeline takes them.
+        for seq in 1..=20 {
+            let message = task.output.recv().await.expect("passed on");
+            assert_eq!(message.seq, seq);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_subscription_is_reported() {
+        let task = start(AckMode::AfterWrite, 10).await;
+        task.event(Incoming::SubAck(vec![Err("not authorised".to_owned())]));
+        task.settle().await;
+        let status = task.status.borrow().clone();
+        assert!(!status.subscribed);
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not authorised")),
+            "{status:?}"
+        );
+        assert_eq!(task.metrics.subscribed.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_what_was_passed_on_then_disconnects() {
+        let mut task = start(AckMode::AfterWrite, 10).await;
+        for pkid in 1..=3 {
+            task.event(publish(pkid, QoS::AtLeastOnce, 10));
+        }
+        task.settle().await;
+        task.stop
+            .take()
+            .expect("running")
+            .send(())
+            .expect("task running");
+        task.settle().await;
+        // The pipeline's input closes so that the open batch is sent...
+        for _ in 0..3 {
+            task.output
+                .recv()
+                .await
+                .expect("passed on before the close");
+        }
+        assert!(task.output.recv().await.is_none(), "input closed");
+        // ...and the acknowledgements still go out as the Kafka side finishes.
+        task.done.done_through(3);
+        task.settle().await;
+        task.event(Incoming::Disconnected);
+        (&mut task.task).await.expect("task ends");
+        assert_eq!(task.acks(), [1, 2, 3]);
+        assert_eq!(task.seen.disconnects.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_receipt_mode_defers_nothing() {
+        let mut task = start(AckMode::OnReceipt, 10).await;
+        task.event(publish(1, QoS::AtLeastOnce, 10));
+        task.settle().await;
+        assert_eq!(task.output.try_recv().expect("passed on").seq, 1);
+        assert_eq!(task.metrics.awaiting_ack.get(), 0);
+        assert!(task.acks().is_empty(), "the client acknowledges on its own");
     }
 }

@@ -99,12 +99,16 @@ async fn outage_larger_than_the_memory_tier_spills_to_disk_in_order() {
     let _publisher = publish_all(mqtt.port(), "spill", count).await;
     // The memory tier fills first; when it overflows, what it holds moves to disk ahead of
     // the rest, so everything ends up there.
-    let metrics = eventually(Duration::from_secs(30), "everything spooled, on disk", || async {
-        let metrics = bridge.metrics().await;
-        let memory = mkb_tests::metric_value(&metrics, "bridge_spool_bytes{tier=\"memory\"}");
-        let disk = mkb_tests::metric_value(&metrics, "bridge_spool_records{tier=\"disk\"}");
-        (disk >= count as f64).then_some((memory, disk))
-    })
+    let metrics = eventually(
+        Duration::from_secs(30),
+        "everything spooled, on disk",
+        || async {
+            let metrics = bridge.metrics().await;
+            let memory = mkb_tests::metric_value(&metrics, "bridge_spool_bytes{tier=\"memory\"}");
+            let disk = mkb_tests::metric_value(&metrics, "bridge_spool_records{tier=\"disk\"}");
+            (disk >= count as f64).then_some((memory, disk))
+        },
+    )
     .await;
     assert!(
         metrics.0 <= 64.0 * 1024.0,
