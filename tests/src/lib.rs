@@ -261,3 +261,55 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
         .expect("read response");
     response
 }
+
+/// A bridge process that acknowledged numbered messages during a Kafka outage and was then
+/// killed with SIGKILL, so that only its disk spool holds them; Kafka is still cut.
+pub struct KilledDuringOutage {
+    pub kafka: Tansu,
+    pub proxy: FaultProxy,
+    pub mqtt: Mosquitto,
+    pub topic: String,
+    /// The environment it ran with, to start it again on the same spool.
+    pub env: Vec<(String, String)>,
+    /// `SPOOL_DIR`, inside `_spool`.
+    pub spool: String,
+    _spool: tempfile::TempDir,
+}
+
+/// Starts a bridge process behind a cut Kafka with its own spool (and `extra` settings),
+/// publishes `count` numbered QoS 1 messages on `prefix/…`, waits until all are spooled and
+/// acknowledged, and kills it.
+pub async fn killed_during_outage(
+    prefix: &str,
+    count: u64,
+    extra: &[(&str, &str)],
+) -> KilledDuringOutage {
+    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
+    let (dir, spool) = spool_dir();
+    let mut settings = vec![("SPOOL_DIR", spool.as_str())];
+    settings.extend_from_slice(extra);
+    let env = bridge_env(
+        mqtt.port(),
+        proxy.port(),
+        &topic,
+        &format!("{prefix}/#"),
+        &with_fast_failure(&settings),
+    );
+    let mut bridge = BridgeProcess::start(&env);
+    bridge.wait_subscribed().await;
+    proxy.set(Fault::Down);
+    let publisher = numbered::publish_all(mqtt.port(), prefix, count).await;
+    publisher.wait_acked(count).await;
+    // All acknowledged by the bridge: the broker has forgotten them, only the spool has them.
+    bridge.wait_all_spooled(count).await;
+    bridge.kill();
+    KilledDuringOutage {
+        kafka,
+        proxy,
+        mqtt,
+        topic,
+        env,
+        spool,
+        _spool: dir,
+    }
+}

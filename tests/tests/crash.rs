@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use mkb_tests::numbered::{expect_all_numbers, publish_all, publish_numbered};
 use mkb_tests::{
-    BridgeProcess, Fault, Publisher, bridge_env, brokers, brokers_behind_proxy, init_logging,
-    spool_dir, with_fast_failure,
+    BridgeProcess, Fault, Publisher, bridge_env, brokers, init_logging, killed_during_outage,
+    spool_dir,
 };
 use rumqttc::QoS;
 
@@ -69,30 +69,17 @@ async fn kill_9_loses_nothing_with_mqtt_5() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_an_outage_loses_nothing_held_only_on_disk() {
     init_logging();
-    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
-    let (_spool, spool_dir) = spool_dir();
-    let env = bridge_env(
-        mqtt.port(),
-        proxy.port(),
-        &topic,
-        "outage/#",
-        &with_fast_failure(&[("SPOOL_DIR", &spool_dir)]),
-    );
-    let mut bridge = BridgeProcess::start(&env);
-    bridge.wait_subscribed().await;
-    proxy.set(Fault::Down);
-
     let count = 5_000;
-    let publisher = publish_all(mqtt.port(), "outage", count).await;
-    publisher.wait_acked(count).await;
-    // All acknowledged by the bridge: the broker has forgotten them, only the spool has them.
-    bridge.wait_all_spooled(count).await;
-    bridge.kill();
-
-    proxy.set(Fault::None);
-    let _restarted = BridgeProcess::start(&env);
-    let delivery =
-        expect_all_numbers(&kafka.brokers(), &topic, count, Duration::from_secs(120)).await;
+    let killed = killed_during_outage("outage", count, &[]).await;
+    killed.proxy.set(Fault::None);
+    let _restarted = BridgeProcess::start(&killed.env);
+    let delivery = expect_all_numbers(
+        &killed.kafka.brokers(),
+        &killed.topic,
+        count,
+        Duration::from_secs(120),
+    )
+    .await;
     eprintln!("kill -9 during an outage: {delivery:?}");
 }
 

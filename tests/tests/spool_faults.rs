@@ -10,7 +10,7 @@ use std::time::Duration;
 use mkb_tests::numbered::{distinct_numbers, expect_all_numbers, publish_all};
 use mkb_tests::{
     BridgeProcess, Fault, KafkaReader, Publisher, bridge_env, brokers, brokers_behind_proxy,
-    eventually, http_get, init_logging, spool_dir, with_fast_failure,
+    eventually, http_get, init_logging, killed_during_outage, spool_dir, with_fast_failure,
 };
 use rumqttc::QoS;
 
@@ -155,27 +155,13 @@ fn segments(spool: &Path) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_spool_files_after_kill_9_lose_only_the_damaged_records() {
     init_logging();
-    let (kafka, proxy, mqtt, topic) = brokers_behind_proxy().await;
-    let (_dir, spool) = spool_dir();
     let batch = 50;
-    let env = bridge_env(
-        mqtt.port(),
-        proxy.port(),
-        &topic,
-        "hurt/#",
-        &with_fast_failure(&[("SPOOL_DIR", &spool), ("KAFKA_BATCH_SIZE", "50")]),
-    );
-    let mut bridge = BridgeProcess::start(&env);
-    bridge.wait_subscribed().await;
-    proxy.set(Fault::Down);
     let count = 3_000;
-    let publisher = publish_all(mqtt.port(), "hurt", count).await;
-    publisher.wait_acked(count).await;
-    bridge.wait_all_spooled(count).await;
-    bridge.kill();
+    let killed = killed_during_outage("hurt", count, &[("KAFKA_BATCH_SIZE", "50")]).await;
+    let (kafka, spool) = (&killed.kafka, &killed.spool);
 
     // Three bytes flipped, each in a different place in the spool's files.
-    let files = segments(Path::new(&spool));
+    let files = segments(Path::new(spool));
     let mut damaged = 0;
     for (n, file) in files.iter().enumerate().take(3) {
         let mut bytes = std::fs::read(file).expect("read segment");
@@ -194,8 +180,8 @@ async fn damaged_spool_files_after_kill_9_lose_only_the_damaged_records() {
         damaged += 2;
     }
 
-    proxy.set(Fault::None);
-    let restarted = BridgeProcess::start(&env);
+    killed.proxy.set(Fault::None);
+    let restarted = BridgeProcess::start(&killed.env);
     restarted.wait_subscribed().await;
     eventually(Duration::from_secs(60), "the spool to drain", || async {
         (restarted.metric("bridge_spool_records").await == Some(0.0)
@@ -207,7 +193,7 @@ async fn damaged_spool_files_after_kill_9_lose_only_the_damaged_records() {
         .metric("bridge_kafka_records_sent_total")
         .await
         .expect("metrics") as usize;
-    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
+    let mut reader = KafkaReader::new(&kafka.brokers(), &killed.topic).await;
     reader
         .read_until(Duration::from_secs(30), |received| received.len() >= sent)
         .await;
@@ -239,7 +225,7 @@ async fn damaged_spool_files_after_kill_9_lose_only_the_damaged_records() {
         .filter(|l| l.contains("Disk spool damaged"))
         .count();
     assert_eq!(errors, 1, "one ERROR line at start-up: {stderr}");
-    assert!(Path::new(&spool).join("quarantine").is_dir());
+    assert!(Path::new(spool).join("quarantine").is_dir());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
