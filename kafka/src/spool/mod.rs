@@ -620,13 +620,6 @@ async fn open_or_recover(
         }
         Err(OpenError::Io(e)) => e,
     };
-    if !dir.is_dir() {
-        error!(
-            spool = %dir.display(), reason = %reason,
-            "Disk spool cannot be created; running with the memory tier only."
-        );
-        return Ok(None);
-    }
     let aside = PathBuf::from(format!(
         "{}.corrupt-{}",
         dir.display(),
@@ -634,12 +627,31 @@ async fn open_or_recover(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
     ));
-    if let Err(e) = std::fs::rename(&dir, &aside) {
-        error!(
-            spool = %dir.display(), reason = %reason, error = %e,
-            "Disk spool cannot be read nor moved aside; running with the memory tier only."
-        );
-        return Ok(None);
+    let (from, to) = (dir.clone(), aside.clone());
+    let moved = tokio::task::spawn_blocking(move || {
+        if !from.is_dir() {
+            return Err(None);
+        }
+        std::fs::rename(&from, &to).map_err(Some)
+    })
+    .await
+    .unwrap_or_else(|e| Err(Some(std::io::Error::other(e.to_string()))));
+    match moved {
+        Ok(()) => {}
+        Err(None) => {
+            error!(
+                spool = %dir.display(), reason = %reason,
+                "Disk spool cannot be created; running with the memory tier only."
+            );
+            return Ok(None);
+        }
+        Err(Some(e)) => {
+            error!(
+                spool = %dir.display(), reason = %reason, error = %e,
+                "Disk spool cannot be read nor moved aside; running with the memory tier only."
+            );
+            return Ok(None);
+        }
     }
     metrics.corrupt.inc();
     error!(
