@@ -107,8 +107,9 @@ pub const VARIABLES: &[Variable] = &[
     var("MQTT_KEEP_ALIVE", Some("30s"), "MQTT keep-alive interval"),
     var(
         "MQTT_MAX_PACKET_SIZE",
-        Some("1048576"),
-        "largest MQTT packet accepted, in bytes",
+        Some("16MiB"),
+        "largest MQTT packet accepted (the most one message can take in memory); a number of \
+         bytes, or with KiB, MiB, from 1KiB to 256MiB (MQTT's largest packet)",
     ),
     var(
         "MQTT_ACK",
@@ -530,12 +531,19 @@ impl Parser<'_> {
                 get(&r.mqtt_keep_alive, "MQTT_KEEP_ALIVE"),
                 "MQTT_KEEP_ALIVE",
             )?,
-            max_packet_size: number(
-                get(&r.mqtt_max_packet_size, "MQTT_MAX_PACKET_SIZE"),
-                "MQTT_MAX_PACKET_SIZE",
-                1024,
-                268_435_455,
-            )?,
+            max_packet_size: {
+                let value = get(&r.mqtt_max_packet_size, "MQTT_MAX_PACKET_SIZE");
+                match byte_size(value, "MQTT_MAX_PACKET_SIZE")? {
+                    size @ 1024..=MQTT_LARGEST_PACKET => size,
+                    _ => {
+                        return Err(ConfigError::invalid(
+                            "MQTT_MAX_PACKET_SIZE",
+                            value,
+                            "a size from 1KiB to 256MiB (268435455 bytes, MQTT's largest packet)",
+                        ));
+                    }
+                }
+            },
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
             ack_mode: {
@@ -913,6 +921,9 @@ pub fn parse_bytes(value: &str) -> Option<usize> {
     n.checked_mul(multiplier)
 }
 
+/// The largest packet MQTT can encode (its remaining length tops out at 256 MiB - 1).
+const MQTT_LARGEST_PACKET: usize = 268_435_455;
+
 fn byte_size(value: &str, var: &'static str) -> Result<usize, ConfigError> {
     parse_bytes(value).ok_or_else(|| {
         ConfigError::invalid(
@@ -1102,6 +1113,15 @@ mod tests {
     }
 
     #[test]
+    fn the_mqtt_packet_limit_takes_sizes_and_defaults_to_16_mib() {
+        assert_eq!(load_env(&[]).expect("valid").mqtt.max_packet_size, 16 << 20);
+        let config = load_env(&[("MQTT_MAX_PACKET_SIZE", "256KiB")]).expect("valid");
+        assert_eq!(config.mqtt.max_packet_size, 256 << 10);
+        let largest = load_env(&[("MQTT_MAX_PACKET_SIZE", "268435455")]).expect("valid");
+        assert_eq!(largest.mqtt.max_packet_size, 268_435_455);
+    }
+
+    #[test]
     fn one_worker_thread_unless_told_otherwise() {
         assert_eq!(load_env(&[]).expect("valid").worker_threads, 1);
         let config = load_env(&[("WORKER_THREADS", "4")]).expect("valid");
@@ -1221,6 +1241,14 @@ mod tests {
             (
                 &[("WORKER_THREADS", "0")],
                 "invalid WORKER_THREADS=\"0\": expected a whole number from 1 to 256",
+            ),
+            (
+                &[("MQTT_MAX_PACKET_SIZE", "300MiB")],
+                "invalid MQTT_MAX_PACKET_SIZE=\"300MiB\": expected a size from 1KiB to 256MiB",
+            ),
+            (
+                &[("MQTT_MAX_PACKET_SIZE", "huge")],
+                "invalid MQTT_MAX_PACKET_SIZE=\"huge\": expected a size in bytes",
             ),
         ];
         for (pairs, expected) in cases {

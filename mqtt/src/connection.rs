@@ -255,17 +255,34 @@ fn incoming_5(event: v5::Event) -> Incoming {
 }
 
 fn poll_error_311(error: rumqttc::ConnectionError) -> PollError {
+    use rumqttc::{ConnectionError, StateError, mqttbytes};
     match error {
-        rumqttc::ConnectionError::ConnectionRefused(code) => refused(&format!("{code:?}")),
+        ConnectionError::ConnectionRefused(code) => refused(&format!("{code:?}")),
+        ConnectionError::MqttState(StateError::Deserialization(
+            mqttbytes::Error::PayloadSizeLimitExceeded(size),
+        )) => too_large(size),
         other => failed(other.to_string()),
     }
 }
 
 fn poll_error_5(error: v5::ConnectionError) -> PollError {
+    use v5::{ConnectionError, StateError, mqttbytes};
     match error {
-        v5::ConnectionError::ConnectionRefused(code) => refused(&format!("{code:?}")),
+        ConnectionError::ConnectionRefused(code) => refused(&format!("{code:?}")),
+        ConnectionError::MqttState(StateError::Deserialization(
+            mqttbytes::Error::PayloadSizeLimitExceeded { pkt_size, .. },
+        )) => too_large(pkt_size),
         other => failed(other.to_string()),
     }
+}
+
+/// The broker sent a packet above `MQTT_MAX_PACKET_SIZE`. The client cannot read past it, so
+/// the connection drops and the broker sends it again: say what to change.
+fn too_large(size: usize) -> PollError {
+    failed(format!(
+        "the broker sent a packet of {size} bytes, more than MQTT_MAX_PACKET_SIZE allows; it \
+         is sent again on every reconnect until MQTT_MAX_PACKET_SIZE is raised"
+    ))
 }
 
 /// The broker answered CONNECT with a refusal (`code` is the return or reason code's name).

@@ -24,8 +24,9 @@ impl Publisher {
     /// Connects with a user name and password.
     pub async fn connect_as(port: u16, credentials: Option<(&str, &str)>) -> Self {
         let mut options = MqttOptions::new(format!("pub-{}", crate::unique()), "127.0.0.1", port);
+        // Large enough for the oversized messages the bad-input tests send.
         options
-            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_max_packet_size(64 << 20, 64 << 20)
             .set_keep_alive(Duration::from_secs(30));
         if let Some((user, password)) = credentials {
             options.set_credentials(user, password);
