@@ -78,7 +78,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(mqtt_kafka_bridge::run(config, shutdown_signal())) {
+    let result = runtime.block_on(mqtt_kafka_bridge::run(config, shutdown_signal()));
+    // Dropping a runtime waits for every blocking call without limit: a disk spool call stuck
+    // in the kernel (a dead disk) must not keep the process from exiting once the drain ended.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -86,6 +90,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long the exit waits for blocking calls still running after the drain.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn usage_error(message: &str) -> ExitCode {
     eprintln!("mqtt-kafka-bridge: {message}");
