@@ -313,3 +313,16 @@ pub async fn killed_during_outage(
         _spool: dir,
     }
 }
+
+/// A fresh tansu and Mosquitto, and a subscribed in-process bridge between them on `filter`
+/// with `overrides`.
+pub async fn subscribed_bridge(
+    filter: &str,
+    overrides: &[(&str, &str)],
+) -> (Tansu, Mosquitto, String, RunningBridge) {
+    let (kafka, mqtt, topic) = brokers();
+    let config = bridge_config(mqtt.port(), kafka.port(), &topic, filter, overrides);
+    let bridge = RunningBridge::start(config).await.expect("bridge starts");
+    bridge.wait_subscribed().await;
+    (kafka, mqtt, topic, bridge)
+}

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use mkb_tests::numbered::expect_all_numbers;
-use mkb_tests::{Publisher, RunningBridge, bridge_config, brokers, eventually, init_logging};
+use mkb_tests::{Publisher, eventually, init_logging, subscribed_bridge};
 use rumqttc::QoS;
 
 /// 3 MiB: above librdkafka's `message.max.bytes` (1,000,000) and the old 1 MiB MQTT limit,
@@ -14,16 +14,8 @@ const OVERSIZED: usize = 3 << 20;
 
 async fn oversized_message_among_normal_ones(mqtt_version: &str) {
     init_logging();
-    let (kafka, mqtt, topic) = brokers();
-    let config = bridge_config(
-        mqtt.port(),
-        kafka.port(),
-        &topic,
-        "big/#",
-        &[("MQTT_VERSION", mqtt_version)],
-    );
-    let bridge = RunningBridge::start(config).await.expect("bridge starts");
-    bridge.wait_subscribed().await;
+    let (kafka, mqtt, topic, bridge) =
+        subscribed_bridge("big/#", &[("MQTT_VERSION", mqtt_version)]).await;
 
     let publisher = Publisher::connect(mqtt.port()).await;
     for n in 0..100u64 {

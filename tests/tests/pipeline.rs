@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use mkb_tests::{KafkaReader, Publisher, RunningBridge, bridge_config, brokers, init_logging};
+use mkb_tests::{
+    KafkaReader, Publisher, RunningBridge, bridge_config, brokers, init_logging, subscribed_bridge,
+};
 use rumqttc::QoS;
 
 const READ_DEADLINE: Duration = Duration::from_secs(60);
@@ -36,16 +38,8 @@ fn by_topic(pairs: impl IntoIterator<Item = (String, Vec<u8>)>) -> HashMap<Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_on_three_topics_arrive_exactly_as_published() {
     init_logging();
-    let (kafka, mqtt, topic) = brokers();
-    let config = bridge_config(
-        mqtt.port(),
-        kafka.port(),
-        &topic,
-        "cars/+/telemetry, alerts/#",
-        &[("KAFKA_BATCH_SIZE", "100")],
-    );
-    let bridge = RunningBridge::start(config).await.expect("bridge starts");
-    bridge.wait_subscribed().await;
+    let (kafka, mqtt, topic, bridge) =
+        subscribed_bridge("cars/+/telemetry, alerts/#", &[("KAFKA_BATCH_SIZE", "100")]).await;
     let publisher = Publisher::connect(mqtt.port()).await;
 
     let mqtt_topics = [
@@ -168,16 +162,11 @@ async fn full_batches_go_at_once_and_the_rest_on_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_batch_goes_when_the_interval_ends() {
     init_logging();
-    let (kafka, mqtt, topic) = brokers();
-    let config = bridge_config(
-        mqtt.port(),
-        kafka.port(),
-        &topic,
+    let (kafka, mqtt, topic, bridge) = subscribed_bridge(
         "interval/#",
         &[("KAFKA_BATCH_SIZE", "1000"), ("KAFKA_INTERVAL", "300ms")],
-    );
-    let bridge = RunningBridge::start(config).await.expect("bridge starts");
-    bridge.wait_subscribed().await;
+    )
+    .await;
     let publisher = Publisher::connect(mqtt.port()).await;
     for n in 0..5 {
         publisher
