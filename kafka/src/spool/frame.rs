@@ -91,14 +91,21 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-/// The frame starting at `at`, or why there is none.
-fn frame_at(bytes: &[u8], at: usize) -> Option<Frame<'_>> {
-    let header = bytes.get(at..at + HEADER_BYTES)?;
+/// The body length and CRC a frame header at the start of `bytes` declares; `None` unless
+/// `bytes` start with the magic and hold the whole header.
+pub fn header(bytes: &[u8]) -> Option<(usize, u32)> {
+    let header = bytes.get(..HEADER_BYTES)?;
     if &header[..4] != MAGIC {
         return None;
     }
     let length = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(header[8..12].try_into().ok()?);
+    Some((length, crc))
+}
+
+/// The frame starting at `at`, or why there is none.
+fn frame_at(bytes: &[u8], at: usize) -> Option<Frame<'_>> {
+    let (length, crc) = header(bytes.get(at..)?)?;
     let start = at + HEADER_BYTES;
     let body = bytes.get(start..start.checked_add(length)?)?;
     if length < BODY_OVERHEAD || crc32fast::hash(body) != crc {
@@ -235,17 +242,7 @@ fn take_optional<'a>(rest: &mut &'a [u8]) -> Option<Option<&'a [u8]>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn records(from: u64, count: u64) -> Vec<Record> {
-        (from..from + count)
-            .map(|n| Record {
-                seq: n,
-                key: format!("sensors/{}", n % 4),
-                value: format!("payload {n:05}").into_bytes(),
-                received_at: Instant::now(),
-            })
-            .collect()
-    }
+    use crate::spool::tests::records;
 
     fn frames(ids: std::ops::Range<u64>) -> Vec<u8> {
         let mut out = Vec::new();

@@ -74,6 +74,7 @@ pub struct Recovery {
     pub migrated: Option<super::legacy::Migrated>,
 }
 
+#[derive(Clone)]
 struct Segment {
     seq: u64,
     path: PathBuf,
@@ -120,13 +121,9 @@ pub struct Log {
     /// Append handle of the last segment; `None` starts a new segment at the next append.
     active: Option<File>,
     reader: Option<Reader>,
-    /// The id of the last entry read (its mark is in `marks`).
-    cursor: u64,
     marks: VecDeque<Mark>,
     unlink: Vec<PathBuf>,
     segment_bytes: u64,
-    records: usize,
-    bytes: usize,
     last_id: u64,
     /// Damaged ranges met while reading, not yet reported.
     damaged_unreported: u64,
@@ -151,12 +148,9 @@ impl Log {
             next_segment: 1,
             active: None,
             reader: None,
-            cursor: delivered,
             marks: VecDeque::new(),
             unlink: Vec::new(),
             segment_bytes: segment_bytes.max(SEGMENT_HEADER + 1),
-            records: 0,
-            bytes: 0,
             last_id: delivered,
             damaged_unreported: 0,
             #[cfg(test)]
@@ -184,12 +178,19 @@ impl Log {
         &self.dir
     }
 
+    /// Live records, summed over the segments (a few hundred at most).
     pub fn records(&self) -> usize {
-        self.records
+        self.segments.iter().map(|s| s.records).sum()
     }
 
+    /// Live frame bytes, summed over the segments.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// The id of the last entry read (its mark is in `marks`).
+    fn cursor(&self) -> u64 {
+        self.reader.as_ref().map_or(self.delivered, |r| r.last_id)
     }
 
     /// The highest entry id this log has seen, delivered ones included.
@@ -274,8 +275,6 @@ impl Log {
             }
             segment.size = rewrite(&segment.path, &bytes, &intact)?;
         }
-        self.records += segment.records;
-        self.bytes += segment.bytes;
         self.segments.push_back(segment);
         Ok(())
     }
@@ -284,35 +283,23 @@ impl Log {
     /// kept (what was written is cut off again) and the next append starts a new segment.
     pub fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
         self.unlink_pending();
-        let before = (
+        let (count, last, last_id) = (
             self.segments.len(),
-            self.segments
-                .back()
-                .map(|s| (s.size, s.records, s.bytes, s.last_id)),
-            self.records,
-            self.bytes,
+            self.segments.back().cloned(),
             self.last_id,
         );
         let result = self.try_append(entries);
         if result.is_err() {
-            let (count, last, records, bytes, last_id) = before;
             while self.segments.len() > count {
                 let created = self.segments.pop_back().expect("more than before");
                 let _ = fs::remove_file(&created.path);
             }
-            if let (Some(segment), Some((size, records, bytes, last_id))) =
-                (self.segments.back_mut(), last)
-            {
+            if let (Some(segment), Some(last)) = (self.segments.back_mut(), last) {
                 // If even this fails, recovery finds the frames and skips them as stale.
-                let _ = truncate(&segment.path, size);
-                (
-                    segment.size,
-                    segment.records,
-                    segment.bytes,
-                    segment.last_id,
-                ) = (size, records, bytes, last_id);
+                let _ = truncate(&last.path, last.size);
+                *segment = last;
             }
-            (self.records, self.bytes, self.last_id) = (records, bytes, last_id);
+            self.last_id = last_id;
             self.active = None;
         }
         result
@@ -342,8 +329,6 @@ impl Log {
             segment.records += entry.records.len();
             segment.bytes += size;
             segment.last_id = entry.id;
-            self.records += entry.records.len();
-            self.bytes += size;
             self.last_id = self.last_id.max(entry.id);
             if buf.len() >= WRITE_BUFFER {
                 self.write_out(&mut buf)?;
@@ -411,7 +396,7 @@ impl Log {
         self.unlink_pending();
         chunk.bytes.clear();
         chunk.entries.clear();
-        if after == 0 || self.reader.is_none() || self.cursor > after {
+        if after == 0 || self.reader.is_none() || self.cursor() > after {
             self.reset_reader();
         }
         let mut total = already;
@@ -445,20 +430,16 @@ impl Log {
         for segment in &mut self.segments {
             (segment.records, segment.bytes) = (0, 0);
         }
-        (self.records, self.bytes) = (0, 0);
         for mark in &self.marks {
             if let Some(segment) = self.segments.iter_mut().find(|s| s.seq == mark.seq) {
                 segment.records += mark.records;
                 segment.bytes += mark.bytes;
             }
-            self.records += mark.records;
-            self.bytes += mark.bytes;
         }
     }
 
     fn reset_reader(&mut self) {
         self.marks.clear();
-        self.cursor = self.delivered;
         self.reader = self.segments.front().map(|s| Reader {
             seq: s.seq,
             pos: self.head,
@@ -518,7 +499,6 @@ impl Log {
                             out.extend_from_slice(f.body);
                             reader.pos = end;
                             reader.last_id = f.id;
-                            self.cursor = f.id;
                             self.marks.push_back(Mark {
                                 id: f.id,
                                 seq,
@@ -562,12 +542,12 @@ impl Log {
     /// deletes segments left with nothing, and keeps the delivered mark for the next start.
     pub fn remove_through(&mut self, id: u64) -> io::Result<usize> {
         // Entries not read yet (rare: after a drop) are read now so that their end is known.
-        if self.cursor < id && self.marks.back().is_none_or(|m| m.id < id) {
+        if self.cursor() < id && self.marks.back().is_none_or(|m| m.id < id) {
             if self.reader.is_none() {
                 self.reset_reader();
             }
             let mut scratch = Vec::new();
-            while self.cursor < id {
+            while self.cursor() < id {
                 scratch.clear();
                 match self.next_entry(&mut scratch, |next, _| next <= id)? {
                     Next::Entry { .. } => {}
@@ -583,8 +563,6 @@ impl Log {
                 segment.records = segment.records.saturating_sub(mark.records);
                 segment.bytes = segment.bytes.saturating_sub(mark.bytes);
             }
-            self.records = self.records.saturating_sub(mark.records);
-            self.bytes = self.bytes.saturating_sub(mark.bytes);
             removed += mark.records;
             head = Some((mark.seq, mark.end));
         }
@@ -627,14 +605,8 @@ impl Log {
         if self.segments.is_empty() {
             self.active = None;
         }
-        self.records = self.records.saturating_sub(segment.records);
-        self.bytes = self.bytes.saturating_sub(segment.bytes);
         self.head = SEGMENT_HEADER;
         self.unlink.push(segment.path);
-        if self.segments.is_empty() {
-            // Nothing live is left: what was counted and lost to damage is forgotten too.
-            (self.records, self.bytes) = (0, 0);
-        }
     }
 
     fn unlink_pending(&mut self) {
@@ -697,11 +669,9 @@ impl Reader {
         if self.pos < self.base || self.pos + frame::HEADER_BYTES as u64 > loaded_end {
             return (loaded_end < size || self.pos < self.base).then_some(window);
         }
-        let header = &self.buf[(self.pos - self.base) as usize..][..frame::HEADER_BYTES];
-        let length = u32::from_le_bytes(header[4..8].try_into().expect("four bytes")) as u64;
-        let frame_end = self.pos + frame::HEADER_BYTES as u64 + length;
-        let plausible = &header[..4] == frame::MAGIC && frame_end <= size;
-        (plausible && frame_end > loaded_end).then_some(frame_end.max(window))
+        let (length, _) = frame::header(&self.buf[(self.pos - self.base) as usize..])?;
+        let frame_end = self.pos + (frame::HEADER_BYTES + length) as u64;
+        (frame_end <= size && frame_end > loaded_end).then_some(frame_end.max(window))
     }
 
     /// Reads the segment at `path` from `pos` to `to` into the buffer, reusing its memory.
@@ -806,8 +776,7 @@ fn is_torn_write(tail: &[u8]) -> bool {
     if tail.len() < frame::HEADER_BYTES {
         return frame::MAGIC.starts_with(&tail[..tail.len().min(4)]);
     }
-    let length = u32::from_le_bytes(tail[4..8].try_into().expect("four bytes")) as usize;
-    &tail[..4] == frame::MAGIC && frame::HEADER_BYTES + length > tail.len()
+    frame::header(tail).is_some_and(|(length, _)| frame::HEADER_BYTES + length > tail.len())
 }
 
 /// Keeps damaged bytes for an operator: `quarantine/<segment>-<offset>.bin` in the spool.

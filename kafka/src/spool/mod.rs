@@ -138,14 +138,10 @@ struct DiskError {
 pub struct Spool {
     config: SpoolConfig,
     metrics: SpoolMetrics,
-    front: VecDeque<Entry>,
+    front: Tier,
     /// The disk tier; `None` when off or unusable, and while a blocking call has it.
     log: Option<Log>,
-    back: VecDeque<Entry>,
-    /// What `front` and `back` take in memory.
-    memory_bytes: usize,
-    /// What `back` will take on disk.
-    back_disk_bytes: usize,
+    back: Tier,
     disk_error: Option<DiskError>,
     next_id: u64,
     /// The buffer disk reads come back in, reused from read to read.
@@ -156,6 +152,52 @@ pub struct Spool {
 enum Place {
     Front,
     Back,
+}
+
+/// Entries held in memory (`front` or `back`), with what they take there and would take on
+/// disk, kept as they come and go so that no check walks the records.
+#[derive(Default)]
+struct Tier {
+    entries: VecDeque<Entry>,
+    records: usize,
+    memory_bytes: usize,
+    disk_bytes: usize,
+}
+
+impl Tier {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn push(&mut self, entry: Entry, in_memory: usize, on_disk: usize) {
+        self.records += entry.records.len();
+        self.memory_bytes += in_memory;
+        self.disk_bytes += on_disk;
+        self.entries.push_back(entry);
+    }
+
+    /// Moves every entry of `other` behind this tier's.
+    fn append(&mut self, other: &mut Tier) {
+        let other = std::mem::take(other);
+        self.records += other.records;
+        self.memory_bytes += other.memory_bytes;
+        self.disk_bytes += other.disk_bytes;
+        self.entries.extend(other.entries);
+    }
+
+    /// Forgets the entries up to and including `id`; returns their records.
+    fn remove_through(&mut self, id: u64) -> usize {
+        let mut removed = 0;
+        while self.entries.front().is_some_and(|e| e.id <= id) {
+            let entry = self.entries.pop_front().expect("front exists");
+            let (count, bytes) = sizes(&entry.records);
+            self.memory_bytes -= memory_size(count, bytes);
+            self.disk_bytes -= frame::frame_size(count, bytes);
+            removed += count;
+        }
+        self.records -= removed;
+        removed
+    }
 }
 
 /// Segment size: 4 MiB, or less when the disk quota is small, so that `drop-oldest` (which
@@ -180,11 +222,9 @@ impl Spool {
         let spool = Self {
             config,
             metrics,
-            front: VecDeque::new(),
+            front: Tier::default(),
             log,
-            back: VecDeque::new(),
-            memory_bytes: 0,
-            back_disk_bytes: 0,
+            back: Tier::default(),
             disk_error: None,
             next_id,
             raw: log::RawChunk::default(),
@@ -212,8 +252,12 @@ impl Spool {
     }
 
     fn memory_records(&self) -> usize {
-        let count = |q: &VecDeque<Entry>| q.iter().map(|e| e.records.len()).sum::<usize>();
-        count(&self.front) + count(&self.back)
+        self.front.records + self.back.records
+    }
+
+    /// What `front` and `back` take in memory.
+    fn memory_bytes(&self) -> usize {
+        self.front.memory_bytes + self.back.memory_bytes
     }
 
     /// Whether an entry of `count` records whose keys and values hold `bytes` would fit now.
@@ -249,7 +293,7 @@ impl Spool {
     }
 
     fn place(&self, in_memory: usize, on_disk: usize) -> Option<Place> {
-        let memory_room = self.memory_bytes + in_memory <= self.config.memory_bytes;
+        let memory_room = self.memory_bytes() + in_memory <= self.config.memory_bytes;
         let Some(log) = &self.log else {
             return memory_room.then_some(Place::Front);
         };
@@ -257,8 +301,7 @@ impl Spool {
         if !self.config.persist_all && !behind_disk && memory_room {
             return Some(Place::Front);
         }
-        let front_disk_bytes: usize = self.front.iter().map(entry_size).sum();
-        let disk_room = log.bytes() + self.back_disk_bytes + front_disk_bytes + on_disk
+        let disk_room = log.bytes() + self.back.disk_bytes + self.front.disk_bytes + on_disk
             <= self.config.disk_bytes;
         // While the disk fails, what waits for it waits in memory.
         (disk_room && (self.disk_error.is_none() || memory_room)).then_some(Place::Back)
@@ -266,48 +309,45 @@ impl Spool {
 
     /// Appends `records` as one entry, applying the full policy when there is no room.
     pub fn push(&mut self, records: Vec<Record>) -> Pushed {
-        let mut pushed = Pushed::Taken {
-            dropped_oldest: 0,
-            dropped_newest: 0,
-        };
+        let mut dropped_oldest = 0;
         if records.is_empty() {
-            return pushed;
+            return Pushed::Taken {
+                dropped_oldest,
+                dropped_newest: 0,
+            };
         }
         let (count, bytes) = sizes(&records);
         let (in_memory, on_disk) = (memory_size(count, bytes), frame::frame_size(count, bytes));
         let mut place = self.place(in_memory, on_disk);
-        if place.is_none() {
-            match self.config.full_policy {
-                // Larger than the whole spool, it would never find room: it goes in alone,
-                // over the limit by that one batch, rather than blocking forever.
-                FullPolicy::Block if self.is_empty() => place = Some(self.unbounded_place()),
-                FullPolicy::Block => return Pushed::Held(records),
-                FullPolicy::DropOldest => {
-                    while place.is_none() {
-                        let dropped = self.drop_oldest();
-                        if dropped == 0 {
-                            break;
-                        }
-                        if let Pushed::Taken { dropped_oldest, .. } = &mut pushed {
-                            *dropped_oldest += dropped;
-                        }
-                        place = self.place(in_memory, on_disk);
+        match self.config.full_policy {
+            _ if place.is_some() => {}
+            // Larger than the whole spool, it would never find room: it goes in alone, over
+            // the limit by that one batch, rather than blocking forever.
+            FullPolicy::Block if self.is_empty() => place = Some(self.unbounded_place()),
+            FullPolicy::Block => return Pushed::Held(records),
+            FullPolicy::DropOldest => {
+                while place.is_none() {
+                    let dropped = self.drop_oldest();
+                    if dropped == 0 {
+                        break;
                     }
+                    dropped_oldest += dropped;
+                    place = self.place(in_memory, on_disk);
                 }
-                FullPolicy::DropNewest => {}
             }
+            FullPolicy::DropNewest => {}
         }
-        let Some(place) = place else {
-            return Pushed::Taken {
-                dropped_oldest: match pushed {
-                    Pushed::Taken { dropped_oldest, .. } => dropped_oldest,
-                    Pushed::Held(_) => 0,
-                },
-                dropped_newest: count,
-            };
+        let dropped_newest = match place {
+            Some(place) => {
+                self.insert(place, records, in_memory, on_disk);
+                0
+            }
+            None => count,
         };
-        self.insert(place, records, in_memory, on_disk);
-        pushed
+        Pushed::Taken {
+            dropped_oldest,
+            dropped_newest,
+        }
     }
 
     /// Appends records whatever the quotas say: at shutdown, where they have nowhere else to go.
@@ -341,19 +381,20 @@ impl Spool {
         // the memory tier counts is what it takes.
         records.shrink_to_fit();
         let entry = Entry { id, records };
-        self.memory_bytes += in_memory;
         match place {
-            Place::Front => self.front.push_back(entry),
+            Place::Front => self.front.push(entry, in_memory, on_disk),
             Place::Back => {
-                // A spill: everything in memory goes to disk ahead of the new entry.
-                self.back_disk_bytes += self.front.iter().map(entry_size).sum::<usize>();
-                let spilled = std::mem::take(&mut self.front);
-                self.back.extend(spilled);
-                self.back_disk_bytes += on_disk;
-                self.back.push_back(entry);
+                self.spill();
+                self.back.push(entry, in_memory, on_disk);
             }
         }
         self.update_gauges();
+    }
+
+    /// Everything in the memory tier goes to disk, ahead of whatever comes next (`front` is
+    /// only used while nothing is on disk or waiting for it, so order holds).
+    fn spill(&mut self) {
+        self.back.append(&mut self.front);
     }
 
     /// Writes what waits for the disk and fsyncs, unless the disk failed less than
@@ -365,22 +406,19 @@ impl Spool {
             .as_ref()
             .is_none_or(|e| Instant::now() >= e.retry_at);
         if !self.back.is_empty() && self.log.is_some() && due {
-            let entries: Vec<Entry> = self.back.drain(..).collect();
+            let mut waiting = std::mem::take(&mut self.back);
             let started = Instant::now();
             let written = self
-                .with_log(move |log| match log.append(&entries) {
-                    Ok(()) => Ok(entries),
-                    Err(e) => Err((entries, e)),
+                .with_log(move |log| {
+                    let written = log.append(waiting.entries.make_contiguous());
+                    (written, waiting)
                 })
                 .await;
             match written {
-                Some(Ok(written)) => {
+                Some((Ok(()), written)) => {
                     // Freed here, on the thread that allocated them.
-                    let freed: usize = written.iter().map(memory_entry_size).sum();
                     drop(written);
                     self.metrics.fsync.observe(started.elapsed().as_secs_f64());
-                    self.memory_bytes -= freed;
-                    self.back_disk_bytes = 0;
                     if let Some(error) = self.disk_error.take() {
                         info!(
                             was = %error.reason,
@@ -388,16 +426,13 @@ impl Spool {
                         );
                     }
                 }
-                Some(Err((entries, e))) => {
-                    self.back.extend(entries);
+                Some((Err(e), waiting)) => {
+                    self.back = waiting;
                     self.disk_failed(&e);
                 }
-                None => {
-                    // The blocking call panicked and took the log with it: the entries it
-                    // had are gone from this process, but were never acknowledged.
-                    self.back_disk_bytes = 0;
-                    self.memory_bytes = self.front.iter().map(memory_entry_size).sum();
-                }
+                // The blocking call panicked and took the log and the entries with it: they
+                // were never acknowledged.
+                None => {}
             }
             self.update_gauges();
         }
@@ -454,7 +489,13 @@ impl Spool {
     pub async fn read_after(&mut self, after: u64, max_records: usize) -> Vec<Entry> {
         let mut chunk = Vec::new();
         let mut total = 0;
-        if take_entries(&self.front, after, max_records, &mut chunk, &mut total) {
+        if take_entries(
+            &self.front.entries,
+            after,
+            max_records,
+            &mut chunk,
+            &mut total,
+        ) {
             return chunk;
         }
         if self.log.as_ref().is_some_and(|l| l.records() > 0) {
@@ -487,13 +528,19 @@ impl Spool {
                 return chunk;
             }
         }
-        take_entries(&self.back, after, max_records, &mut chunk, &mut total);
+        take_entries(
+            &self.back.entries,
+            after,
+            max_records,
+            &mut chunk,
+            &mut total,
+        );
         chunk
     }
 
     /// Forgets every entry up to and including `id` (delivered to Kafka).
     pub async fn remove_through(&mut self, id: u64) {
-        let mut removed = self.remove_memory_through(id);
+        let mut removed = self.front.remove_through(id) + self.back.remove_through(id);
         if self.log.as_ref().is_some_and(|l| l.records() > 0) {
             match self.with_log(move |log| log.remove_through(id)).await {
                 Some(Ok(records)) => removed += records,
@@ -507,31 +554,15 @@ impl Spool {
         self.update_gauges();
     }
 
-    fn remove_memory_through(&mut self, id: u64) -> usize {
-        let mut removed = 0;
-        while self.front.front().is_some_and(|e| e.id <= id) {
-            let entry = self.front.pop_front().expect("front exists");
-            self.memory_bytes -= memory_entry_size(&entry);
-            removed += entry.records.len();
-        }
-        while self.back.front().is_some_and(|e| e.id <= id) {
-            let entry = self.back.pop_front().expect("front exists");
-            self.memory_bytes -= memory_entry_size(&entry);
-            self.back_disk_bytes = self.back_disk_bytes.saturating_sub(entry_size(&entry));
-            removed += entry.records.len();
-        }
-        removed
-    }
-
     /// Drops the oldest entry, or on disk the oldest segment (full policy `drop-oldest`);
     /// returns how many records went.
     fn drop_oldest(&mut self) -> usize {
-        let dropped = if let Some(id) = self.front.front().map(|e| e.id) {
-            self.remove_memory_through(id)
+        let dropped = if let Some(id) = self.front.entries.front().map(|e| e.id) {
+            self.front.remove_through(id)
         } else if let Some(log) = self.log.as_mut().filter(|l| l.records() > 0) {
             log.drop_oldest_segment()
-        } else if let Some(id) = self.back.front().map(|e| e.id) {
-            self.remove_memory_through(id)
+        } else if let Some(id) = self.back.entries.front().map(|e| e.id) {
+            self.back.remove_through(id)
         } else {
             0
         };
@@ -542,12 +573,8 @@ impl Spool {
     /// At shutdown: writes what is in memory to disk (ignoring the disk quota: these records
     /// have nowhere else to go) and fsyncs. Returns the records that could not be saved.
     pub async fn persist_memory(&mut self) -> usize {
-        if self.log.is_some() && !self.front.is_empty() {
-            let spilled = std::mem::take(&mut self.front);
-            self.back_disk_bytes += spilled.iter().map(entry_size).sum::<usize>();
-            for entry in spilled.into_iter().rev() {
-                self.back.push_front(entry);
-            }
+        if self.log.is_some() {
+            self.spill();
         }
         // No waiting for the retry time: this is the last chance.
         self.disk_error = None;
@@ -557,14 +584,10 @@ impl Spool {
     }
 
     fn update_gauges(&self) {
-        let (front, back) = (&self.front, &self.back);
-        let memory_records = front
-            .iter()
-            .chain(back)
-            .map(|e| e.records.len())
-            .sum::<usize>();
-        self.metrics.memory_records.set(memory_records as i64);
-        self.metrics.memory_bytes.set(self.memory_bytes as i64);
+        self.metrics
+            .memory_records
+            .set(self.memory_records() as i64);
+        self.metrics.memory_bytes.set(self.memory_bytes() as i64);
         let (records, bytes) = self
             .log
             .as_ref()
@@ -710,18 +733,6 @@ fn memory_size(count: usize, bytes: usize) -> usize {
     count * MEMORY_OVERHEAD_PER_RECORD + bytes
 }
 
-/// Bytes an entry takes in the memory tier.
-fn memory_entry_size(entry: &Entry) -> usize {
-    let (count, bytes) = sizes(&entry.records);
-    memory_size(count, bytes)
-}
-
-/// Bytes an entry takes on disk.
-fn entry_size(entry: &Entry) -> usize {
-    let (count, bytes) = sizes(&entry.records);
-    frame::frame_size(count, bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -734,7 +745,20 @@ mod tests {
             .spool
     }
 
-    fn records(from: u64, count: u64) -> Vec<Record> {
+    /// 100 records keyed `topic/n`, each value `value_bytes` bytes of `n`.
+    fn large_entry(n: u64, value_bytes: usize) -> Vec<Record> {
+        (0..100)
+            .map(|i| Record {
+                seq: n * 100 + i,
+                key: format!("topic/{n}"),
+                value: vec![n as u8; value_bytes],
+                received_at: Instant::now(),
+            })
+            .collect()
+    }
+
+    /// Records `from` to `from + count - 1`, valued `payload NNNNN`.
+    pub(super) fn records(from: u64, count: u64) -> Vec<Record> {
         (from..from + count)
             .map(|n| Record {
                 seq: n,
@@ -812,7 +836,7 @@ mod tests {
         taken(spool.push(records(0, 10)));
         taken(spool.push(records(10, 10)));
         assert!(!spool.flush().await, "two entries in memory only");
-        assert_eq!(spool.front.len(), 2);
+        assert_eq!(spool.front.entries.len(), 2);
         // The third does not fit: memory spills to disk ahead of it.
         taken(spool.push(records(20, 10)));
         assert!(spool.flush().await, "everything on disk");
@@ -860,7 +884,7 @@ mod tests {
         let mut batch = Vec::with_capacity(1000);
         batch.extend(records(0, 10));
         taken(spool.push(batch));
-        let entry = spool.front.front().expect("kept in memory");
+        let entry = spool.front.entries.front().expect("kept in memory");
         assert_eq!(
             entry.records.capacity(),
             10,
@@ -902,16 +926,7 @@ mod tests {
     async fn drop_oldest_drops_whole_segments_from_the_front() {
         let dir = tempfile::tempdir().expect("temp dir");
         // 64 KiB segments (the smallest); entries of 100 records of 1 KB: one per segment.
-        let entry = |n: u64| -> Vec<Record> {
-            (0..100)
-                .map(|i| Record {
-                    seq: n * 100 + i,
-                    key: format!("topic/{n}"),
-                    value: vec![n as u8; 1000],
-                    received_at: Instant::now(),
-                })
-                .collect()
-        };
+        let entry = |n| large_entry(n, 1000);
         let one = frame::frame_size(100, sizes(&entry(0)).1);
         let mut spool = open(SpoolConfig {
             full_policy: FullPolicy::DropOldest,
@@ -963,16 +978,7 @@ mod tests {
     async fn a_large_spool_spans_segments_deleted_once_delivered() {
         let dir = tempfile::tempdir().expect("temp dir");
         // 40 entries of 100 records of 10 KB: 40 MB, ten 4 MiB segments.
-        let entry = |n: u64| -> Vec<Record> {
-            (0..100)
-                .map(|i| Record {
-                    seq: 0,
-                    key: format!("topic/{n}"),
-                    value: vec![(n * 100 + i) as u8; 10_000],
-                    received_at: Instant::now(),
-                })
-                .collect()
-        };
+        let entry = |n| large_entry(n, 10_000);
         let same = |a: &[Record], b: &[Record]| {
             a.len() == b.len()
                 && a.iter()
@@ -1138,16 +1144,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         // Entries of 100 KB (frames cross every 1 MiB window edge) and one of 3 MB (larger
         // than a window), all in one segment of the 4 MiB kind.
-        let entry = |n: u64, size: usize| -> Vec<Record> {
-            (0..100)
-                .map(|i| Record {
-                    seq: n * 100 + i,
-                    key: format!("topic/{n}"),
-                    value: vec![n as u8; size],
-                    received_at: Instant::now(),
-                })
-                .collect()
-        };
         let sizes_written: Vec<usize> = (0..30)
             .map(|n| if n == 12 { 30_000 } else { 1_000 })
             .collect();
@@ -1157,7 +1153,7 @@ mod tests {
         })
         .await;
         for (n, size) in sizes_written.iter().enumerate() {
-            taken(spool.push(entry(n as u64, *size)));
+            taken(spool.push(large_entry(n as u64, *size)));
             assert!(spool.flush().await);
         }
         // Which entries a read returned: each one's values are its number.
