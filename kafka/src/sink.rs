@@ -402,10 +402,8 @@ impl KafkaSink {
                 Origin::Direct => self.acks.done_through(unit.last_seq()),
                 Origin::Spool { last_id } => {
                     self.spool.remove_through(last_id).await;
-                    // Records held in memory only (the disk failed) are now in Kafka.
-                    if self.spool.all_durable() {
-                        self.acks.done_through(self.spooled_through);
-                    }
+                    // Records held in memory only (no usable disk) may now all be in Kafka.
+                    self.ack_spooled();
                     if let State::Draining {
                         cursor,
                         probing: true,
@@ -451,18 +449,19 @@ impl KafkaSink {
         let limit = if probing { 1 } else { MAX_CHUNKS_IN_FLIGHT };
         let mut cursor = cursor;
         while self.in_flight.len() < limit {
-            let chunk = self
+            let chunk = match self
                 .spool
                 .read_after(cursor, self.config.max_batch_size)
-                .await;
-            let Some(last_id) = chunk.last().map(|e| e.id) else {
-                if self.in_flight.is_empty() && !self.spool.is_empty() {
-                    // Nothing could be read of a spool that is not empty: the disk failed.
-                    let why = self.spool.disk_error().unwrap_or("cannot read").to_owned();
-                    let failure = Failure::other(&format!("disk spool cannot be read: {why}"));
+                .await
+            {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    let failure = Failure::other(&format!("disk spool cannot be read: {e}"));
                     self.enter_failing(&failure, self.spool.records());
                     return;
                 }
+            };
+            let Some(last_id) = chunk.last().map(|e| e.id) else {
                 break;
             };
             if !self.ensure_topics().await {
@@ -520,14 +519,19 @@ impl KafkaSink {
         }
     }
 
-    /// Fsyncs the spool, then reports the spooled messages done — unless some are in memory
-    /// only while acknowledgements depend on the disk.
+    /// Fsyncs the spool, then reports what it allows done.
     async fn flush_spool(&mut self) {
-        let durable = self.spool.flush().await;
-        if durable || !self.config.spool.persist_all {
+        self.spool.flush().await;
+        self.ack_spooled();
+        self.update_status();
+    }
+
+    /// Reports the spooled messages done — unless some are held in memory only while
+    /// acknowledgements depend on the disk.
+    fn ack_spooled(&self) {
+        if self.spool.all_durable() || !self.config.spool.persist_all {
             self.acks.done_through(self.spooled_through);
         }
-        self.update_status();
     }
 
     fn count_drop(&mut self, reason: &str, records: usize) {
@@ -581,12 +585,7 @@ impl KafkaSink {
     /// follow from the state, so "failing" is stored once.
     fn set_state(&mut self, state: State) {
         let now = Instant::now();
-        if let Some(outage) = self.state.outage() {
-            self.metrics.failing_seconds.inc_by(
-                now.saturating_duration_since(outage.counted_until)
-                    .as_secs_f64(),
-            );
-        }
+        self.count_failing_time(now);
         self.state = state;
         if let Some(outage) = self.state.outage_mut() {
             outage.counted_until = now;
@@ -713,10 +712,14 @@ impl KafkaSink {
         } else {
             info!("Kafka task stopped: everything was delivered.");
         }
+        self.count_failing_time(Instant::now());
+    }
+
+    /// Adds the failing time not counted yet, up to `now`, to its counter.
+    fn count_failing_time(&self, now: Instant) {
         if let Some(outage) = self.state.outage() {
-            self.metrics
-                .failing_seconds
-                .inc_by(outage.counted_until.elapsed().as_secs_f64());
+            let uncounted = now.saturating_duration_since(outage.counted_until);
+            self.metrics.failing_seconds.inc_by(uncounted.as_secs_f64());
         }
     }
 
@@ -1135,6 +1138,7 @@ mod tests {
         let saved: Vec<String> = spool
             .read_after(0, usize::MAX)
             .await
+            .expect("readable")
             .into_iter()
             .flat_map(|e| e.records)
             .map(|r| String::from_utf8(r.value).expect("utf-8"))

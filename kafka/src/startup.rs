@@ -40,23 +40,25 @@ impl KafkaSink {
         } else {
             None
         };
-        let mut topics_ready = topics.is_none();
+        // Created now when possible; with a probe they must be, without one the task tries
+        // again before its first write.
+        let topics = match topics {
+            Some(topics) => match topics.create(&config).await {
+                Ok(()) => None,
+                Err(e) if config.test_topic.is_some() => return Err(e),
+                Err(e) => {
+                    warn!(
+                        error = %e,
+                        "Kafka topics not ready yet; trying again before the first write."
+                    );
+                    Some(topics)
+                }
+            },
+            None => None,
+        };
         if let Some(test_topic) = &config.test_topic {
-            if let Some(topics) = &topics {
-                topics.create(&config).await?;
-                topics_ready = true;
-            }
             probe(producer.as_ref(), &metrics, test_topic, &config).await?;
-        } else if let Some(topics) = &topics {
-            match topics.create(&config).await {
-                Ok(()) => topics_ready = true,
-                Err(e) => warn!(
-                    error = %e,
-                    "Kafka topics not ready yet; trying again before the first write."
-                ),
-            }
         }
-        let topics = if topics_ready { None } else { topics };
         Ok(KafkaSink::new(
             config, metrics, acks, spool, producer, connector, topics,
         ))

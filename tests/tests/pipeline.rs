@@ -3,9 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use mkb_tests::{
-    KafkaReader, Publisher, RunningBridge, bridge_config, brokers, init_logging, subscribed_bridge,
-};
+use mkb_tests::{KafkaReader, Publisher, init_logging, subscribed_bridge};
 use rumqttc::QoS;
 
 const READ_DEADLINE: Duration = Duration::from_secs(60);
@@ -114,11 +112,7 @@ async fn messages_on_three_topics_arrive_exactly_as_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_batches_go_at_once_and_the_rest_on_shutdown() {
     init_logging();
-    let (kafka, mqtt, topic) = brokers();
-    let config = bridge_config(
-        mqtt.port(),
-        kafka.port(),
-        &topic,
+    let (kafka, mqtt, topic, bridge) = subscribed_bridge(
         "size/#",
         // Batching by size alone: after-write acknowledgements also send a batch when the
         // broker goes quiet (its in-flight window is full), which is not what this checks.
@@ -127,9 +121,8 @@ async fn full_batches_go_at_once_and_the_rest_on_shutdown() {
             ("KAFKA_INTERVAL", "1h"),
             ("MQTT_ACK", "on-receipt"),
         ],
-    );
-    let bridge = RunningBridge::start(config).await.expect("bridge starts");
-    bridge.wait_subscribed().await;
+    )
+    .await;
     let publisher = Publisher::connect(mqtt.port()).await;
     for n in 0..25 {
         publisher

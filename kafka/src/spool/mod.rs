@@ -185,6 +185,28 @@ impl Tier {
         self.entries.extend(other.entries);
     }
 
+    /// Adds copies of the entries after `after` to `chunk`, up to `max_records` records in it
+    /// (`total` so far) but at least one entry; returns whether the chunk is full.
+    fn copy_after(
+        &self,
+        after: u64,
+        max_records: usize,
+        chunk: &mut Vec<Entry>,
+        total: &mut usize,
+    ) -> bool {
+        for entry in self.entries.iter().filter(|e| e.id > after) {
+            if *total > 0 && *total + entry.records.len() > max_records {
+                return true;
+            }
+            *total += entry.records.len();
+            chunk.push(entry.clone());
+            if *total >= max_records {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Forgets the entries up to and including `id`; returns their records.
     fn remove_through(&mut self, id: u64) -> usize {
         let mut removed = 0;
@@ -485,18 +507,20 @@ impl Spool {
     }
 
     /// The oldest entries after entry `after` (0 for the very first), up to `max_records`
-    /// records in all but at least one entry. A disk that cannot be read counts as failed.
-    pub async fn read_after(&mut self, after: u64, max_records: usize) -> Vec<Entry> {
+    /// records in all but at least one entry. A disk that cannot be read is an error (and
+    /// counts as a failed disk).
+    pub async fn read_after(
+        &mut self,
+        after: u64,
+        max_records: usize,
+    ) -> Result<Vec<Entry>, std::io::Error> {
         let mut chunk = Vec::new();
         let mut total = 0;
-        if take_entries(
-            &self.front.entries,
-            after,
-            max_records,
-            &mut chunk,
-            &mut total,
-        ) {
-            return chunk;
+        if self
+            .front
+            .copy_after(after, max_records, &mut chunk, &mut total)
+        {
+            return Ok(chunk);
         }
         if self.log.as_ref().is_some_and(|l| l.records() > 0) {
             let mut raw = std::mem::take(&mut self.raw);
@@ -507,35 +531,28 @@ impl Spool {
                 })
                 .await;
             if let Some((read, raw, damage)) = read {
-                if damage > 0 {
-                    self.metrics.corrupt.inc_by(damage);
-                }
+                self.metrics.corrupt.inc_by(damage);
+                self.raw = raw;
                 if let Err(e) = read {
                     error!(error = %e, "Cannot read the disk spool; trying again later.");
                     self.disk_failed(&e);
-                    return chunk;
+                    return Err(e);
                 }
-                for (id, count, body) in &raw.entries {
-                    let records = frame::decode(&raw.bytes[body.clone()])
+                for (id, count, body) in &self.raw.entries {
+                    let records = frame::decode(&self.raw.bytes[body.clone()])
                         .expect("the log checked the body's layout when it read it");
                     debug_assert_eq!(records.len(), *count);
                     total += records.len();
                     chunk.push(Entry { id: *id, records });
                 }
-                self.raw = raw;
             }
             if total >= max_records {
-                return chunk;
+                return Ok(chunk);
             }
         }
-        take_entries(
-            &self.back.entries,
-            after,
-            max_records,
-            &mut chunk,
-            &mut total,
-        );
-        chunk
+        self.back
+            .copy_after(after, max_records, &mut chunk, &mut total);
+        Ok(chunk)
     }
 
     /// Forgets every entry up to and including `id` (delivered to Kafka).
@@ -596,28 +613,6 @@ impl Spool {
         self.metrics.disk_bytes.set(bytes as i64);
         self.metrics.disk_available.set(i64::from(self.has_disk()));
     }
-}
-
-/// Adds the entries of `queue` after `after` to `chunk`, up to `max_records` records but at
-/// least one entry in the chunk; returns whether the chunk is full.
-fn take_entries(
-    queue: &VecDeque<Entry>,
-    after: u64,
-    max_records: usize,
-    chunk: &mut Vec<Entry>,
-    total: &mut usize,
-) -> bool {
-    for entry in queue.iter().filter(|e| e.id > after) {
-        if *total > 0 && *total + entry.records.len() > max_records {
-            return true;
-        }
-        *total += entry.records.len();
-        chunk.push(entry.clone());
-        if *total >= max_records {
-            return true;
-        }
-    }
-    false
 }
 
 /// Opens the log at `dir` on a blocking thread. A directory that cannot be read is moved aside
@@ -806,6 +801,7 @@ mod tests {
         spool
             .read_after(0, usize::MAX)
             .await
+            .expect("readable")
             .into_iter()
             .flat_map(|e| e.records)
             .map(|r| String::from_utf8(r.value).expect("utf-8"))
@@ -856,15 +852,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut spool = open(config(dir.path(), 0, 1 << 20)).await;
         push_batches(&mut spool, 5).await;
-        let first = spool.read_after(0, 25).await;
+        let first = spool.read_after(0, 25).await.expect("readable");
         assert_eq!(first.iter().map(|e| e.records.len()).sum::<usize>(), 20);
         let second = spool
             .read_after(first.last().expect("entries").id, 25)
-            .await;
+            .await
+            .expect("readable");
         assert_eq!(second.len(), 2);
         assert_eq!(second[0].records[0].value, b"payload 00020");
         // A chunk holds at least one entry, even one larger than the chunk size.
-        assert_eq!(spool.read_after(0, 1).await.len(), 1);
+        assert_eq!(spool.read_after(0, 1).await.expect("readable").len(), 1);
     }
 
     #[tokio::test]
@@ -948,6 +945,7 @@ mod tests {
         let kept: Vec<u8> = spool
             .read_after(0, usize::MAX)
             .await
+            .expect("readable")
             .iter()
             .map(|e| e.records[0].value[0])
             .collect();
@@ -961,7 +959,7 @@ mod tests {
         {
             let mut spool = open(config(dir.path(), 0, 1 << 20)).await;
             push_batches(&mut spool, 3).await;
-            let first = spool.read_after(0, 10).await;
+            let first = spool.read_after(0, 10).await.expect("readable");
             spool.remove_through(first[0].id).await;
             assert_eq!(spool.records(), 20);
         }
@@ -1005,7 +1003,7 @@ mod tests {
         assert_eq!(reopened.records(), 4000);
         let mut after = 0;
         for n in 0..40 {
-            let chunk = reopened.read_after(after, 100).await;
+            let chunk = reopened.read_after(after, 100).await.expect("readable");
             assert_eq!(chunk.len(), 1);
             assert!(same(&chunk[0].records, &entry(n)), "entry {n}");
             after = chunk[0].id;
@@ -1130,9 +1128,9 @@ mod tests {
             20,
             "the damaged entry is no longer counted"
         );
-        let first = spool.read_after(0, 10).await;
+        let first = spool.read_after(0, 10).await.expect("readable");
         spool.remove_through(first[0].id).await;
-        let rest = spool.read_after(first[0].id, 100).await;
+        let rest = spool.read_after(first[0].id, 100).await.expect("readable");
         spool
             .remove_through(rest.last().expect("the third entry").id)
             .await;
@@ -1160,7 +1158,7 @@ mod tests {
         let numbers = |entries: Vec<Entry>| -> Vec<u8> {
             entries.iter().map(|e| e.records[0].value[0]).collect()
         };
-        let first = numbers(spool.read_after(0, usize::MAX).await);
+        let first = numbers(spool.read_after(0, usize::MAX).await.expect("readable"));
         assert_eq!(first, (0..30).collect::<Vec<u8>>());
         // Damage the entry that crosses the first window edge (1 MiB) and the large one.
         let path = segments(dir.path())[0].clone();
@@ -1168,7 +1166,7 @@ mod tests {
         bytes[(1 << 20) + 10] ^= 0xff;
         bytes[1_300_000 + 1_500_000] ^= 0xff;
         std::fs::write(&path, bytes).expect("write");
-        let read = numbers(spool.read_after(0, usize::MAX).await);
+        let read = numbers(spool.read_after(0, usize::MAX).await.expect("readable"));
         let expected: Vec<u8> = (0..30).filter(|n| *n != 10 && *n != 12).collect();
         assert_eq!(
             read, expected,
@@ -1181,7 +1179,10 @@ mod tests {
             ..config(dir.path(), 0, 1 << 30)
         })
         .await;
-        assert_eq!(numbers(reopened.read_after(0, usize::MAX).await), expected);
+        assert_eq!(
+            numbers(reopened.read_after(0, usize::MAX).await.expect("readable")),
+            expected
+        );
     }
 
     async fn metrics_after_open(dir: &Path) -> u64 {
@@ -1338,7 +1339,7 @@ mod tests {
         }
         let mut spool = open(config(dir.path(), 0, 1 << 20)).await;
         assert_eq!(spool.records(), 40);
-        let found = spool.read_after(0, usize::MAX).await;
+        let found = spool.read_after(0, usize::MAX).await.expect("readable");
         let values: Vec<String> = found
             .iter()
             .flat_map(|e| &e.records)
