@@ -1135,14 +1135,7 @@ mod tests {
         let mut spool = Spool::open(config(task.dir.path()).spool, metrics.spool)
             .await
             .expect("reopen");
-        let saved: Vec<String> = spool
-            .read_after(0, usize::MAX)
-            .await
-            .expect("readable")
-            .into_iter()
-            .flat_map(|e| e.records)
-            .map(|r| String::from_utf8(r.value).expect("utf-8"))
-            .collect();
+        let saved = crate::spool::tests::contents(&mut spool).await;
         assert_eq!(saved, numbers(1, 20));
     }
 

@@ -729,7 +729,7 @@ fn memory_size(count: usize, bytes: usize) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
 
     use super::*;
@@ -797,7 +797,7 @@ mod tests {
     }
 
     /// Every payload in the spool, oldest first.
-    async fn contents(spool: &mut Spool) -> Vec<String> {
+    pub(crate) async fn contents(spool: &mut Spool) -> Vec<String> {
         spool
             .read_after(0, usize::MAX)
             .await
