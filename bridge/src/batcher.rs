@@ -102,6 +102,7 @@ mod tests {
             payload: Bytes::from(n.to_string()),
             qos: QoS::AtLeastOnce,
             received_at: Instant::now(),
+            dead_letter: None,
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod acks;
 pub mod batcher;
+pub mod dead_letter;
 pub mod envelope;
 mod message;
 

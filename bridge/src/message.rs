@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::dead_letter::DeadLetter;
+
 /// MQTT quality of service of a received message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QoS {
@@ -39,6 +41,9 @@ pub struct Message {
     pub qos: QoS,
     /// When the bridge took it off the MQTT connection; the start of the end-to-end latency.
     pub received_at: Instant,
+    /// Set when the bridge gave up on the message: it becomes a dead letter, its payload (empty
+    /// when the bridge could not hold it) the value, instead of an envelope.
+    pub dead_letter: Option<Box<DeadLetter>>,
 }
 
 /// One Kafka record: the MQTT topic as key (so one MQTT topic always lands in one partition and
@@ -47,28 +52,57 @@ pub struct Message {
 pub struct Record {
     /// The receipt number of the message it came from (0 for records read back from disk).
     pub seq: u64,
+    /// The Kafka topic; `None` for the bridge's `KAFKA_TOPIC`.
+    pub topic: Option<String>,
     pub key: String,
     pub value: Vec<u8>,
+    /// Kafka headers, name and value (none on an uplink record today; a dead letter says why).
+    pub headers: Vec<(String, Vec<u8>)>,
     pub received_at: Instant,
 }
 
 impl Record {
     /// Builds the record for a message, encoding its envelope.
     pub fn from_message(message: Message) -> Self {
+        if let Some(letter) = message.dead_letter {
+            return Self {
+                seq: message.seq,
+                headers: crate::dead_letter::headers(
+                    letter.reason,
+                    &message.topic,
+                    None,
+                    letter.original_size,
+                    &letter.error,
+                ),
+                topic: Some(letter.topic),
+                key: message.topic,
+                value: message.payload.to_vec(),
+                received_at: message.received_at,
+            };
+        }
         // `encode` reserves the exact length itself.
         let mut value = Vec::new();
         crate::envelope::encode(&message.topic, &message.payload, &mut value);
         Self {
             seq: message.seq,
+            topic: None,
             key: message.topic,
             value,
+            headers: Vec::new(),
             received_at: message.received_at,
         }
     }
 
-    /// Bytes this record holds, for memory accounting.
+    /// Bytes this record holds, for memory accounting: key, value, and the topic and headers
+    /// when it has them (each header with the 8 bytes its two lengths take on disk).
     pub fn size(&self) -> usize {
-        self.key.len() + self.value.len()
+        let extra = self.topic.as_ref().map_or(0, String::len)
+            + self
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len() + 8)
+                .sum::<usize>();
+        self.key.len() + self.value.len() + extra
     }
 }
 

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use mkb_bridge::{BatcherConfig, QoS};
@@ -79,7 +78,12 @@ pub const VARIABLES: &[Variable] = &[
     var(
         "MQTT_CLIENT_KEY",
         None,
-        "PEM private key of MQTT_CLIENT_CERT",
+        "PEM private key of MQTT_CLIENT_CERT: PKCS#8, PKCS#1 or SEC1, encrypted or not",
+    ),
+    var(
+        "MQTT_CLIENT_KEY_PASSWORD",
+        None,
+        "password of an encrypted MQTT_CLIENT_KEY (never logged)",
     ),
     var("MQTT_USERNAME", None, "user name for the MQTT broker"),
     var(
@@ -142,6 +146,12 @@ pub const VARIABLES: &[Variable] = &[
         "KAFKA_TOPIC",
         None,
         "required: Kafka topic every message is written to",
+    ),
+    var(
+        "KAFKA_DLQ_TOPIC",
+        None,
+        "dead-letter topic: records given up on for good (too large for Kafka, topic refused or \
+         invalid) go there with headers saying why; unset: they are dropped and counted",
     ),
     var(
         "KAFKA_PROPERTY_*",
@@ -264,7 +274,7 @@ const IDLE_FLUSH: Duration = Duration::from_millis(2);
 pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
 
 /// Variables whose values are never printed.
-const SECRET_VARIABLES: &[&str] = &["MQTT_PASSWORD"];
+const SECRET_VARIABLES: &[&str] = &["MQTT_PASSWORD", "MQTT_CLIENT_KEY_PASSWORD"];
 
 /// A configuration value that cannot be used. Printed as one line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -318,6 +328,7 @@ struct Raw {
     root_ca: Option<String>,
     mqtt_client_cert: Option<String>,
     mqtt_client_key: Option<String>,
+    mqtt_client_key_password: Option<String>,
     mqtt_username: Option<String>,
     mqtt_password: Option<String>,
     mqtt_topic: Option<String>,
@@ -336,6 +347,7 @@ struct Raw {
     kafka_port: Option<String>,
     kafka_brokers: Option<String>,
     kafka_topic: Option<String>,
+    kafka_dlq_topic: Option<String>,
     kafka_auto_create_topics: Option<String>,
     kafka_topic_partitions: Option<String>,
     kafka_topic_replication: Option<String>,
@@ -491,6 +503,13 @@ impl Parser<'_> {
 
         let client_id = get(&r.mqtt_client_id, "MQTT_CLIENT_ID").replace("%h", self.host_name);
         let tls = self.tls()?;
+        // Both tasks make dead letters: the Kafka task of records Kafka refuses, the MQTT task
+        // of messages above MQTT_MAX_PACKET_SIZE.
+        let dead_letter_topic = r
+            .kafka_dlq_topic
+            .as_deref()
+            .map(|t| kafka_topic(t, "KAFKA_DLQ_TOPIC"))
+            .transpose()?;
         let mut mqtt = MqttConfig {
             host: host(get(&r.mqtt_broker, "MQTT_BROKER"), "MQTT_BROKER")?,
             port: match &r.mqtt_port {
@@ -508,6 +527,7 @@ impl Parser<'_> {
             },
             credentials: self.credentials()?,
             tls,
+            dead_letter_topic: dead_letter_topic.clone(),
             receive_maximum: number(
                 get(&r.mqtt_receive_maximum, "MQTT_RECEIVE_MAXIMUM"),
                 "MQTT_RECEIVE_MAXIMUM",
@@ -588,9 +608,18 @@ impl Parser<'_> {
                 format!("{host}:{port}")
             }
         };
+        let topic = kafka_topic(required(&r.kafka_topic, "KAFKA_TOPIC")?, "KAFKA_TOPIC")?;
+        if let Some(dlq) = dead_letter_topic.as_deref().filter(|dlq| *dlq == topic) {
+            return Err(ConfigError::invalid(
+                "KAFKA_DLQ_TOPIC",
+                dlq,
+                "a topic other than KAFKA_TOPIC",
+            ));
+        }
         let mut kafka = KafkaConfig {
             brokers,
-            topic: kafka_topic(required(&r.kafka_topic, "KAFKA_TOPIC")?, "KAFKA_TOPIC")?,
+            topic,
+            dead_letter_topic,
             auto_create_topics: boolean(
                 get(&r.kafka_auto_create_topics, "KAFKA_AUTO_CREATE_TOPICS"),
                 "KAFKA_AUTO_CREATE_TOPICS",
@@ -724,13 +753,14 @@ impl Parser<'_> {
 
     /// TLS is on with `MQTT_TLS=true`, or when a CA or client certificate is given and
     /// `MQTT_TLS` is unset. The files are read now, so a bad one stops the start.
-    fn tls(&self) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+    fn tls(&self) -> Result<Option<native_tls::TlsConnector>, ConfigError> {
         let r = &self.raw;
         let path = |value: &Option<String>| value.as_deref().map(|p| PathBuf::from(p.trim()));
         let settings = TlsConfig {
             ca_file: path(&r.root_ca),
             client_cert_file: path(&r.mqtt_client_cert),
             client_key_file: path(&r.mqtt_client_key),
+            client_key_password: r.mqtt_client_key_password.clone(),
         };
         let enabled = match &r.mqtt_tls {
             Some(value) => boolean(value.trim(), "MQTT_TLS")?,
@@ -752,20 +782,29 @@ impl Parser<'_> {
             }
             return Ok(None);
         }
-        settings.client_config().map(Some).map_err(|e| match e {
+        settings.connector().map(Some).map_err(|e| match e {
+            TlsError::File {
+                file: TlsFile::ClientKeyPassword,
+                path,
+                reason,
+            } => ConfigError::Invalid {
+                var: "MQTT_CLIENT_KEY_PASSWORD",
+                value: "***".to_owned(),
+                expected: format!("the password of {} ({reason})", path.display()),
+            },
             TlsError::File { file, path, reason } => ConfigError::Invalid {
                 var: match file {
                     TlsFile::Ca => "ROOT_CA",
                     TlsFile::ClientCert => "MQTT_CLIENT_CERT",
-                    TlsFile::ClientKey => "MQTT_CLIENT_KEY",
+                    TlsFile::ClientKey | TlsFile::ClientKeyPassword => "MQTT_CLIENT_KEY",
                 },
                 value: path.display().to_string(),
-                expected: format!("a readable PEM file ({reason})"),
+                expected: format!("a usable PEM file ({reason})"),
             },
-            TlsError::NoRoots(reason) => ConfigError::Invalid {
-                var: "ROOT_CA",
-                value: String::new(),
-                expected: format!("a CA file, as the system has no usable roots ({reason})"),
+            TlsError::Library(reason) => ConfigError::Invalid {
+                var: "MQTT_TLS",
+                value: "true".to_owned(),
+                expected: format!("a working TLS library ({reason})"),
             },
         })
     }

@@ -86,6 +86,14 @@ fn every_bad_value_exits_64_with_one_line_naming_the_variable() {
             with_required(&[("KAFKA_PROPERTY_LINGER_MS", "soon")]),
             "KAFKA_PROPERTY_LINGER_MS",
         ),
+        (
+            with_required(&[("KAFKA_DLQ_TOPIC", "t")]),
+            "KAFKA_DLQ_TOPIC",
+        ),
+        (
+            with_required(&[("KAFKA_DLQ_TOPIC", "dead/letters")]),
+            "KAFKA_DLQ_TOPIC",
+        ),
     ];
     for (env, variable) in &cases {
         let output = bridge(env, &[]);
@@ -231,4 +239,96 @@ fn failed_start_up_probe_exits_non_zero_within_seconds() {
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(took < Duration::from_secs(15), "took {took:?}");
     assert!(stderr(&output).contains("Kafka"), "{}", stderr(&output));
+}
+
+/// Runs the `openssl` command line in `dir`.
+fn openssl(dir: &std::path::Path, args: &str) {
+    let output = Command::new("openssl")
+        .args(args.split(' '))
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (apt-get install openssl)");
+    assert!(
+        output.status.success(),
+        "openssl {args}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Certificates and keys made with the `openssl` command line, as Mosquitto's documentation
+/// shows: a v1 client certificate passes; an expired certificate, a key of another
+/// certificate, an encrypted key without its password or with a wrong one each stop the start
+/// with one line naming the variable to fix.
+#[test]
+fn certificate_problems_name_the_variable_to_fix() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    openssl(
+        d,
+        "req -new -x509 -days 30 -nodes -subj /CN=ca -keyout ca.key -out ca.crt",
+    );
+    openssl(d, "genrsa -out client.key 2048");
+    openssl(
+        d,
+        "req -new -key client.key -subj /CN=bridge -out client.csr",
+    );
+    let sign = "x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial";
+    openssl(d, &format!("{sign} -days 30 -out client.crt"));
+    openssl(d, &format!("{sign} -days -1 -out expired.crt"));
+    openssl(d, "genrsa -out other.key 2048");
+    openssl(
+        d,
+        "pkcs8 -topk8 -v2 aes-256-cbc -in client.key -passout pass:right -out locked.key",
+    );
+    let path = |name: &str| d.join(name).display().to_string();
+    let (ca, cert, key) = (path("ca.crt"), path("client.crt"), path("client.key"));
+    let (expired, other, locked) = (path("expired.crt"), path("other.key"), path("locked.key"));
+    let files = |cert: &str, key: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("MQTT_TOPIC", "a/#".to_owned()),
+            ("KAFKA_TOPIC", "t".to_owned()),
+            ("ROOT_CA", ca.clone()),
+            ("MQTT_CLIENT_CERT", cert.to_owned()),
+            ("MQTT_CLIENT_KEY", key.to_owned()),
+        ]
+    };
+    let run = |env: &[(&'static str, String)]| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        bridge(&env, &["--check-config"])
+    };
+    let good = run(&files(&cert, &key));
+    assert!(good.status.success(), "v1 certificate: {}", stderr(&good));
+    let mut with_password = files(&cert, &locked);
+    with_password.push(("MQTT_CLIENT_KEY_PASSWORD", "right".to_owned()));
+    let unlocked = run(&with_password);
+    assert!(unlocked.status.success(), "{}", stderr(&unlocked));
+    let mut wrong_password = files(&cert, &locked);
+    wrong_password.push(("MQTT_CLIENT_KEY_PASSWORD", "hunter2".to_owned()));
+    let cases = [
+        (files(&expired, &key), "MQTT_CLIENT_CERT=", "expired on"),
+        (files(&cert, &other), "MQTT_CLIENT_KEY=", "does not belong"),
+        (
+            files(&cert, &locked),
+            "MQTT_CLIENT_KEY=",
+            "set MQTT_CLIENT_KEY_PASSWORD",
+        ),
+        (
+            wrong_password,
+            "MQTT_CLIENT_KEY_PASSWORD=",
+            "does not decrypt",
+        ),
+    ];
+    for (env, variable, reason) in &cases {
+        let output = run(env);
+        let message = stderr(&output);
+        eprintln!("{message}");
+        assert_eq!(output.status.code(), Some(64), "{message}");
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(
+            message.contains(&format!("invalid {variable}")),
+            "{message}"
+        );
+        assert!(message.contains(reason), "{message}");
+        assert!(!message.contains("hunter2"), "a password leaked: {message}");
+    }
 }

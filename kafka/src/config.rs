@@ -12,6 +12,8 @@ pub struct KafkaConfig {
     /// `host:port` list, comma-separated, as librdkafka's `bootstrap.servers`.
     pub brokers: String,
     pub topic: String,
+    /// Where records given up on for good go (`KAFKA_DLQ_TOPIC`); `None` drops and counts them.
+    pub dead_letter_topic: Option<String>,
     /// Create missing topics through the Admin API (some brokers do not auto-create on produce).
     pub auto_create_topics: bool,
     /// Partitions of a topic the bridge creates.
@@ -121,6 +123,7 @@ mod tests {
         KafkaConfig {
             brokers: "localhost:9092".to_owned(),
             topic: "t".to_owned(),
+            dead_letter_topic: None,
             auto_create_topics: true,
             topic_partitions: 1,
             topic_replication: -1,

@@ -39,12 +39,17 @@ impl Failure {
         }
     }
 
-    /// The record can never be written, however often it is tried: it is too large.
-    pub(crate) fn is_final(&self) -> bool {
-        matches!(
-            self.code,
-            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
-        )
+    /// Why the record can never be written, however often it is tried (too large, or its
+    /// topic refused or invalid); `None` when trying again may succeed.
+    pub(crate) fn final_reason(&self) -> Option<GiveUp> {
+        match self.code? {
+            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize => {
+                Some(GiveUp::TooLarge)
+            }
+            RDKafkaErrorCode::TopicAuthorizationFailed => Some(GiveUp::TopicRefused),
+            RDKafkaErrorCode::InvalidTopic => Some(GiveUp::TopicInvalid),
+            _ => None,
+        }
     }
 
     /// Errors after which this producer instance will not write again, though librdkafka does
@@ -61,6 +66,28 @@ impl Failure {
                     | RDKafkaErrorCode::Fatal
             )
         )
+    }
+}
+
+/// Why the bridge gave up on a record for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// Larger than Kafka accepts (`message.max.bytes`, or the broker's limit).
+    TooLarge,
+    /// Kafka refused its topic (`TopicAuthorizationFailed`: an ACL).
+    TopicRefused,
+    /// Its topic is not a valid Kafka topic name.
+    TopicInvalid,
+}
+
+impl GiveUp {
+    /// The label of the drop and dead-letter counters, and the `mqtt.dlq.reason` header.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::TopicRefused => "topic_refused",
+            Self::TopicInvalid => "topic_invalid",
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod config;
 mod context;
+mod dead_letter;
 mod delivery;
 mod error;
 mod metrics;

@@ -14,6 +14,7 @@ pub struct KafkaMetrics {
     pub state: IntGauge,
     errors: IntCounterVec,
     dropped: IntCounterVec,
+    dead_lettered: IntCounterVec,
     /// MQTT receipt to Kafka acknowledgement, per record.
     pub latency: Histogram,
     /// Records per batch written.
@@ -60,6 +61,13 @@ impl KafkaMetrics {
             Opts::new(
                 "bridge_records_dropped_total",
                 "Records given up on and not written to Kafka, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let dead_lettered = IntCounterVec::new(
+            Opts::new(
+                "bridge_records_dead_lettered_total",
+                "Records given up on and written to the dead-letter topic instead, by reason.",
             ),
             &["reason"],
         )?;
@@ -135,6 +143,7 @@ impl KafkaMetrics {
         registry.register(Box::new(state.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(dead_lettered.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(batch_records.clone()))?;
         Ok(Self {
@@ -143,6 +152,7 @@ impl KafkaMetrics {
             state,
             errors,
             dropped,
+            dead_lettered,
             latency,
             batch_records,
             failing_seconds,
@@ -168,6 +178,16 @@ impl KafkaMetrics {
     #[cfg(test)]
     pub(crate) fn dropped_count(&self, reason: &str) -> u64 {
         self.dropped.with_label_values(&[reason]).get()
+    }
+
+    /// Dead letters written for `reason` so far (unit tests).
+    #[cfg(test)]
+    pub(crate) fn dead_lettered_count(&self, reason: &str) -> u64 {
+        self.dead_lettered.with_label_values(&[reason]).get()
+    }
+
+    pub(crate) fn dead_lettered(&self, reason: &str) {
+        self.dead_lettered.with_label_values(&[reason]).inc();
     }
 
     pub(crate) fn dropped(&self, reason: &str, records: usize) {

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
+use mkb_bridge::Record;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use crate::context::BridgeContext;
@@ -25,14 +27,9 @@ pub(crate) enum Refused {
 
 /// A Kafka producer as the Kafka task uses it.
 pub(crate) trait Produce: Send + Sync {
-    /// Hands one record over. Its ticket is settled by the record's delivery report.
-    fn send(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        value: &[u8],
-        ticket: Box<Ticket>,
-    ) -> Result<(), Refused>;
+    /// Hands one record over to `topic` (the record's own, or the bridge's `KAFKA_TOPIC`); an
+    /// empty key goes as a null one. Its ticket is settled by the record's delivery report.
+    fn send(&self, topic: &str, record: &Record, ticket: Box<Ticket>) -> Result<(), Refused>;
 
     /// The client's fatal error, once it hit one: it will not write again.
     fn fatal_error(&self) -> Option<String>;
@@ -55,16 +52,24 @@ pub(crate) fn rdkafka_connector(config: &KafkaConfig) -> Connector {
 struct Rdkafka(ThreadedProducer<BridgeContext>);
 
 impl Produce for Rdkafka {
-    fn send(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        value: &[u8],
-        ticket: Box<Ticket>,
-    ) -> Result<(), Refused> {
-        let mut record = BaseRecord::with_opaque_to(topic, ticket).payload(value);
-        record.key = key;
-        match self.0.send(record) {
+    fn send(&self, topic: &str, record: &Record, ticket: Box<Ticket>) -> Result<(), Refused> {
+        let mut base = BaseRecord::with_opaque_to(topic, ticket).payload(&record.value);
+        if !record.key.is_empty() {
+            base = base.key(record.key.as_bytes());
+        }
+        if !record.headers.is_empty() {
+            let headers = record.headers.iter().fold(
+                OwnedHeaders::new_with_capacity(record.headers.len()),
+                |headers, (key, value)| {
+                    headers.insert(Header {
+                        key,
+                        value: Some(value),
+                    })
+                },
+            );
+            base = base.headers(headers);
+        }
+        match self.0.send(base) {
             Ok(()) => Ok(()),
             Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 Err(Refused::QueueFull(returned.delivery_opaque))
@@ -91,12 +96,11 @@ pub(crate) async fn enqueue(
     producer: &dyn Produce,
     metrics: &KafkaMetrics,
     topic: &str,
-    key: Option<&[u8]>,
-    value: &[u8],
+    record: &Record,
     mut ticket: Box<Ticket>,
 ) -> Result<(), Failure> {
     loop {
-        match producer.send(topic, key, value, ticket) {
+        match producer.send(topic, record, ticket) {
             Ok(()) => return Ok(()),
             Err(Refused::QueueFull(returned)) => {
                 metrics.error("queue_full");
@@ -116,6 +120,9 @@ pub(crate) mod fake {
 
     use super::*;
 
+    /// The topic the Kafka task's unit tests configure as `KAFKA_TOPIC`.
+    pub(crate) const TOPIC: &str = "bridge";
+
     /// What happens to one record handed over.
     #[derive(Clone, Copy, Debug)]
     pub(crate) enum Outcome {
@@ -125,10 +132,21 @@ pub(crate) mod fake {
         QueueFull,
         /// Refused at once: larger than Kafka accepts.
         TooLarge,
+        /// The delivery report says the topic is not authorised (an ACL refuses it).
+        TopicRefused,
+        /// The delivery report says the topic name is invalid.
+        TopicInvalid,
         /// No answer: the delivery report says it timed out after this long.
         TimeOut(Duration),
         /// The broker fenced this producer (its idempotence state is gone).
         Fenced,
+    }
+
+    /// One record handed over: its topic, the record, and whether it was delivered.
+    struct Handed {
+        topic: String,
+        record: Record,
+        delivered: bool,
     }
 
     #[derive(Default)]
@@ -136,9 +154,10 @@ pub(crate) mod fake {
         script: VecDeque<Outcome>,
         /// When the script is used up.
         otherwise: Option<Outcome>,
-        /// Every record handed over, in order (a partition's order), and whether it was
-        /// delivered.
-        log: Vec<(Vec<u8>, bool)>,
+        /// Outcomes for every record to one topic, before the script is consulted.
+        per_topic: Vec<(String, Outcome)>,
+        /// Every record handed over, in order (a partition's order).
+        log: Vec<Handed>,
         producers: usize,
     }
 
@@ -165,13 +184,28 @@ pub(crate) mod fake {
             self
         }
 
-        /// Values delivered, in the order they were handed over (as a partition keeps them).
+        /// Every record to `topic` gets `outcome`, whatever the script says.
+        pub(crate) fn for_topic(&self, topic: &str, outcome: Outcome) -> &Self {
+            self.state().per_topic.push((topic.to_owned(), outcome));
+            self
+        }
+
+        /// Values delivered to [`TOPIC`], in the order they were handed over (as a partition
+        /// keeps them).
         pub(crate) fn delivered(&self) -> Vec<String> {
+            self.delivered_to(TOPIC)
+                .iter()
+                .map(|record| String::from_utf8_lossy(&record.value).into_owned())
+                .collect()
+        }
+
+        /// Records delivered to `topic`, in the order they were handed over.
+        pub(crate) fn delivered_to(&self, topic: &str) -> Vec<Record> {
             self.state()
                 .log
                 .iter()
-                .filter(|(_, delivered)| *delivered)
-                .map(|(value, _)| String::from_utf8_lossy(value).into_owned())
+                .filter(|handed| handed.delivered && handed.topic == topic)
+                .map(|handed| handed.record.clone())
                 .collect()
         }
 
@@ -204,17 +238,16 @@ pub(crate) mod fake {
     }
 
     impl Produce for Fake {
-        fn send(
-            &self,
-            _topic: &str,
-            _key: Option<&[u8]>,
-            value: &[u8],
-            ticket: Box<Ticket>,
-        ) -> Result<(), Refused> {
+        fn send(&self, topic: &str, record: &Record, ticket: Box<Ticket>) -> Result<(), Refused> {
             let outcome = {
                 let mut state = self.0.state();
-                let otherwise = state.otherwise.unwrap_or(Outcome::Deliver);
-                state.script.pop_front().unwrap_or(otherwise)
+                match state.per_topic.iter().find(|(t, _)| t == topic) {
+                    Some((_, outcome)) => *outcome,
+                    None => {
+                        let otherwise = state.otherwise.unwrap_or(Outcome::Deliver);
+                        state.script.pop_front().unwrap_or(otherwise)
+                    }
+                }
             };
             let (after, result) = match outcome {
                 Outcome::Deliver => (Duration::ZERO, Ok(())),
@@ -224,6 +257,13 @@ pub(crate) mod fake {
                     Duration::ZERO,
                     Err(failure(RDKafkaErrorCode::ProducerFenced)),
                 ),
+                Outcome::TopicRefused => (
+                    Duration::ZERO,
+                    Err(failure(RDKafkaErrorCode::TopicAuthorizationFailed)),
+                ),
+                Outcome::TopicInvalid => {
+                    (Duration::ZERO, Err(failure(RDKafkaErrorCode::InvalidTopic)))
+                }
                 Outcome::QueueFull => return Err(Refused::QueueFull(ticket)),
                 Outcome::TooLarge => {
                     let failure = failure(RDKafkaErrorCode::MessageSizeTooLarge);
@@ -233,7 +273,11 @@ pub(crate) mod fake {
             };
             let index = {
                 let mut state = self.0.state();
-                state.log.push((value.to_vec(), false));
+                state.log.push(Handed {
+                    topic: topic.to_owned(),
+                    record: record.clone(),
+                    delivered: false,
+                });
                 state.log.len() - 1
             };
             let script = self.0.clone();
@@ -241,7 +285,7 @@ pub(crate) mod fake {
             tokio::spawn(async move {
                 tokio::time::sleep(after).await;
                 if result.is_ok() {
-                    script.state().log[index].1 = true;
+                    script.state().log[index].delivered = true;
                 }
                 ticket.settle(result);
             });

@@ -20,7 +20,10 @@
 //! copy of every record before it: per MQTT topic (one topic, one partition) order holds.
 //!
 //! # Error kinds, per record
-//! - *final*: larger than Kafka accepts. Dropped and counted (`too_large`); the rest goes on.
+//! - *final*: larger than Kafka accepts, or its topic refused (an ACL) or invalid. Given up on:
+//!   written to the dead-letter topic when one is set (see [`crate::dead_letter`]), otherwise
+//!   dropped and counted; the rest goes on. A unit's dead letters are written once the unit has
+//!   settled, as a unit of their own in its place: its messages are done once they are.
 //! - *wait*: librdkafka's local queue is full. Wait briefly, enqueue again.
 //! - *down*: anything else (delivery timeout, broker unreachable, unknown topic). Failing state.
 //!
@@ -42,7 +45,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::delivery::{Failure, Reports};
+use crate::dead_letter;
+use crate::delivery::{Failure, GiveUp, Reports};
 use crate::producer::{self, Connector, Produce};
 use crate::spool::{self, Pushed, Spool};
 use crate::startup::Topics;
@@ -116,6 +120,7 @@ impl State {
 }
 
 /// Where the records of a unit in flight came from.
+#[derive(Clone, Copy)]
 enum Origin {
     Direct,
     Spool { last_id: u64 },
@@ -130,47 +135,84 @@ struct InFlight {
     settled: bool,
     /// The first record not delivered (it and everything after it is tried again) and why.
     failure: Option<(usize, Failure)>,
+    /// Dead letters of the records before the first failure that were given up on, to be
+    /// written before the unit is done.
+    dead_letters: Vec<Record>,
+}
+
+/// What a unit needs to know to settle: where records without a topic of their own go, and
+/// where dead letters go.
+#[derive(Clone, Copy)]
+struct Destinations<'a> {
+    default: &'a str,
+    dead_letters: Option<&'a str>,
+}
+
+impl<'a> Destinations<'a> {
+    fn of(config: &'a KafkaConfig) -> Self {
+        Self {
+            default: &config.topic,
+            dead_letters: config.dead_letter_topic.as_deref(),
+        }
+    }
 }
 
 impl InFlight {
     /// Waits for every delivery report, then counts the outcome. Cancel-safe.
-    async fn settle(&mut self, metrics: &KafkaMetrics) {
+    async fn settle(&mut self, metrics: &KafkaMetrics, topics: Destinations<'_>) {
         if !self.settled {
             self.reports.wait().await;
-            self.conclude(metrics);
+            self.conclude(metrics, topics);
         }
     }
 
-    /// Counts what was delivered and what was dropped as too large, and finds the first record
-    /// that has to be tried again. Called once every report is in.
-    fn conclude(&mut self, metrics: &KafkaMetrics) {
+    /// Counts what was delivered and what was given up on, makes the dead letters, and finds
+    /// the first record that has to be tried again. Called once every report is in.
+    fn conclude(&mut self, metrics: &KafkaMetrics, topics: Destinations<'_>) {
         self.settled = true;
+        let last_seq = self.last_seq();
         let mut end = self.records.len();
-        let mut dropped = Vec::new();
+        let mut given_up = Vec::new();
         for (index, failure) in self.reports.take_failures() {
-            if failure.is_final() {
-                drop_too_large(metrics, &self.records[index], &failure);
-                dropped.push(index);
-            } else {
+            let Some(reason) = failure.final_reason() else {
                 metrics.error("delivery");
                 end = index;
                 self.failure = Some((index, failure));
                 break;
-            }
-        }
-        metrics.records_sent.inc_by((end - dropped.len()) as u64);
-        if matches!(self.origin, Origin::Direct) {
-            let now = Instant::now();
-            // Observed locally, then added to the shared histogram once for the whole unit.
-            let latencies = metrics.latency.local();
-            for (index, record) in self.records[..end].iter().enumerate() {
-                if dropped.binary_search(&index).is_err() {
-                    let latency = now.saturating_duration_since(record.received_at);
-                    latencies.observe(latency.as_secs_f64());
+            };
+            let record = &self.records[index];
+            let topic = record.topic.as_deref().unwrap_or(topics.default);
+            match topics.dead_letters {
+                Some(dlq) if dead_letter::reason_of(record).is_none() => {
+                    let mut letter = dead_letter::letter(record, topic, dlq, reason, &failure);
+                    // Written after the unit's other records: once it is, the unit is done.
+                    letter.seq = last_seq;
+                    self.dead_letters.push(letter);
                 }
+                _ => give_up(metrics, record, topic, reason, &failure),
             }
-            latencies.flush();
+            given_up.push(index);
         }
+        let now = Instant::now();
+        let direct = matches!(self.origin, Origin::Direct);
+        // Observed locally, then added to the shared histogram once for the whole unit.
+        let latencies = metrics.latency.local();
+        let mut sent = 0;
+        for (index, record) in self.records[..end].iter().enumerate() {
+            if given_up.binary_search(&index).is_ok() {
+                continue;
+            }
+            match dead_letter::reason_of(record) {
+                Some(reason) => metrics.dead_lettered(reason),
+                None => sent += 1,
+            }
+            if direct {
+                let latency = now.saturating_duration_since(record.received_at);
+                latencies.observe(latency.as_secs_f64());
+            }
+        }
+        latencies.flush();
+        metrics.records_sent.inc_by(sent);
     }
 
     fn last_seq(&self) -> u64 {
@@ -178,10 +220,10 @@ impl InFlight {
     }
 
     /// The records not known to be in Kafka: all of them while reports are missing, otherwise
-    /// those from the first failed one on.
-    fn undelivered(mut self, metrics: &KafkaMetrics) -> Vec<Record> {
+    /// the dead letters still to write and the records from the first failed one on.
+    fn undelivered(mut self, metrics: &KafkaMetrics, topics: Destinations<'_>) -> Vec<Record> {
         if !self.settled && self.reports.all_in() {
-            self.conclude(metrics);
+            self.conclude(metrics, topics);
         }
         if !self.settled {
             return self.records;
@@ -190,7 +232,9 @@ impl InFlight {
             .failure
             .as_ref()
             .map_or(self.records.len(), |(i, _)| *i);
-        self.records.split_off(from)
+        let mut undelivered = self.dead_letters;
+        undelivered.extend(self.records.drain(from..));
+        undelivered
     }
 }
 
@@ -289,12 +333,13 @@ impl KafkaSink {
                 DiskRetry,
             }
             let event = {
+                let topics = Destinations::of(&self.config);
                 let head = self.in_flight.front_mut();
                 let has_head = head.is_some();
                 let metrics = &self.metrics;
                 tokio::select! {
                     biased;
-                    () = async { if let Some(head) = head { head.settle(metrics).await } },
+                    () = async { if let Some(head) = head { head.settle(metrics, topics).await } },
                         if has_head => Event::Settled,
                     batch = input.recv(), if accepting => Event::Batch(batch),
                     () = sleep_until(retry_at.unwrap_or_else(Instant::now)),
@@ -367,18 +412,16 @@ impl KafkaSink {
     async fn send(&self, origin: Origin, records: Vec<Record>) -> InFlight {
         let reports = Reports::new();
         for (index, record) in records.iter().enumerate() {
-            let key = Some(record.key.as_bytes());
             let sent = producer::enqueue(
                 self.producer.as_ref(),
                 &self.metrics,
-                &self.config.topic,
-                key,
-                &record.value,
+                record.topic.as_deref().unwrap_or(&self.config.topic),
+                record,
                 reports.ticket(index),
             )
             .await;
             if let Err(failure) = sent
-                && !failure.is_final()
+                && failure.final_reason().is_none()
             {
                 self.metrics.error("enqueue");
                 break;
@@ -386,16 +429,24 @@ impl KafkaSink {
         }
         InFlight {
             origin,
-            records,
             reports,
             settled: false,
             failure: None,
+            dead_letters: Vec::new(),
+            records,
         }
     }
 
     /// The oldest unit in flight has settled (or failed).
     async fn on_settled(&mut self) {
-        let unit = self.in_flight.pop_front().expect("a unit settled");
+        let mut unit = self.in_flight.pop_front().expect("a unit settled");
+        if unit.failure.is_none() && !unit.dead_letters.is_empty() {
+            // Its dead letters take its place: its messages are done once they are written.
+            let letters = std::mem::take(&mut unit.dead_letters);
+            let letters = self.send(unit.origin, letters).await;
+            self.in_flight.push_front(letters);
+            return;
+        }
         let Some((_, reason)) = unit.failure.clone() else {
             self.metrics.batches_sent.inc();
             match unit.origin {
@@ -421,7 +472,7 @@ impl KafkaSink {
             Origin::Direct => {
                 // Everything from the failure on, and every later batch, goes to the spool in
                 // order (the spool is empty in the direct state).
-                let mut records = unit.undelivered(&self.metrics);
+                let mut records = unit.undelivered(&self.metrics, Destinations::of(&self.config));
                 for later in std::mem::take(&mut self.in_flight) {
                     records.extend(later.records);
                 }
@@ -662,17 +713,21 @@ impl KafkaSink {
     async fn shutdown(mut self) {
         let deadline = Instant::now() + self.config.shutdown_grace;
         let mut unconfirmed: Vec<Record> = Vec::new();
+        let topics = Destinations::of(&self.config);
         while let Some(head) = self.in_flight.front_mut() {
-            let settled = tokio::time::timeout_at(deadline, head.settle(&self.metrics)).await;
+            let settled =
+                tokio::time::timeout_at(deadline, head.settle(&self.metrics, topics)).await;
             if settled.is_err() {
                 break;
             }
-            let unit = self.in_flight.pop_front().expect("head exists");
+            let mut unit = self.in_flight.pop_front().expect("head exists");
+            // Dead letters not written yet are saved with the rest.
+            unconfirmed.append(&mut unit.dead_letters);
             match (&unit.origin, unit.failure.is_some()) {
                 (Origin::Direct, false) => self.acks.done_through(unit.last_seq()),
                 (Origin::Spool { last_id }, false) => self.spool.remove_through(*last_id).await,
                 (Origin::Direct, true) => {
-                    unconfirmed.extend(unit.undelivered(&self.metrics));
+                    unconfirmed.extend(unit.undelivered(&self.metrics, topics));
                     break;
                 }
                 (Origin::Spool { .. }, true) => break,
@@ -680,7 +735,7 @@ impl KafkaSink {
         }
         for unit in std::mem::take(&mut self.in_flight) {
             if matches!(unit.origin, Origin::Direct) {
-                unconfirmed.extend(unit.undelivered(&self.metrics));
+                unconfirmed.extend(unit.undelivered(&self.metrics, topics));
             }
         }
         if let Some(held) = self.held.take() {
@@ -742,12 +797,31 @@ impl KafkaSink {
     }
 }
 
-fn drop_too_large(metrics: &KafkaMetrics, record: &Record, failure: &Failure) {
-    metrics.error("too_large");
-    metrics.dropped("too_large", 1);
+/// Drops a record given up on for good (no dead-letter topic is set, or it is a dead letter
+/// that could not be written either), counted and logged.
+fn give_up(
+    metrics: &KafkaMetrics,
+    record: &Record,
+    topic: &str,
+    reason: GiveUp,
+    failure: &Failure,
+) {
+    metrics.error(reason.label());
+    let (label, what) = match (dead_letter::reason_of(record), reason) {
+        (Some(_), _) => (
+            "dead_letter_failed",
+            "Dead letter not written either, dropped.",
+        ),
+        (None, GiveUp::TooLarge) => ("too_large", "Record larger than Kafka accepts, dropped."),
+        (None, GiveUp::TopicRefused) => {
+            ("topic_refused", "Kafka refused the topic, record dropped.")
+        }
+        (None, GiveUp::TopicInvalid) => ("topic_invalid", "Invalid Kafka topic, record dropped."),
+    };
+    metrics.dropped(label, 1);
     error!(
-        mqtt_topic = %record.key, bytes = record.value.len(), error = %failure.text,
-        "Record larger than Kafka accepts, dropped."
+        mqtt_topic = %record.key, kafka_topic = %topic, bytes = record.value.len(),
+        error = %failure.text, "{what}"
     );
 }
 
@@ -756,6 +830,7 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
+    use mkb_bridge::dead_letter as names;
     use mkb_bridge::{AckWatermark, ack_channel};
     use tokio::task::JoinHandle;
 
@@ -768,7 +843,8 @@ mod tests {
     fn config(dir: &Path) -> KafkaConfig {
         KafkaConfig {
             brokers: "kafka.invalid:9092".to_owned(),
-            topic: "bridge".to_owned(),
+            topic: crate::producer::fake::TOPIC.to_owned(),
+            dead_letter_topic: None,
             auto_create_topics: false,
             topic_partitions: 1,
             topic_replication: 1,
@@ -849,8 +925,10 @@ mod tests {
             records: (from..from + count)
                 .map(|n| Record {
                     seq: n,
+                    topic: None,
                     key: format!("topic/{}", n % 3),
                     value: n.to_string().into_bytes(),
+                    headers: Vec::new(),
                     received_at: Instant::now(),
                 })
                 .collect(),
@@ -1039,6 +1117,115 @@ mod tests {
         assert!(!delivered.contains(&"4".to_owned()));
         assert!(!task.failing(), "a record too large is not an outage");
         assert_eq!(task.metrics.records_sent.get(), 9);
+    }
+
+    const DLQ: &str = "dead-letters";
+
+    fn header<'a>(record: &'a Record, name: &str) -> &'a str {
+        let (_, value) = record
+            .headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no {name} header in {record:?}"));
+        std::str::from_utf8(value).expect("UTF-8 header")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_too_large_goes_to_the_dead_letter_topic_before_it_is_acknowledged() {
+        let script = Script::default();
+        script
+            .then(3, Outcome::Deliver)
+            .then(1, Outcome::TooLarge)
+            .for_topic(DLQ, Outcome::DeliverAfter(Duration::from_secs(5)));
+        let task = start(&script, |c| c.dead_letter_topic = Some(DLQ.to_owned())).await;
+        task.send(batch(1, 10)).await;
+        task.until("the rest delivered", |_| script.delivered().len() == 9)
+            .await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(task.watermark(), 0, "not done before the dead letter is");
+        task.until("acknowledged", |t| t.watermark() == 10).await;
+        let letters = script.delivered_to(DLQ);
+        assert_eq!(letters.len(), 1);
+        let letter = &letters[0];
+        assert_eq!(header(letter, names::REASON), "too_large");
+        assert_eq!(header(letter, names::MQTT_TOPIC), "topic/1");
+        assert_eq!(header(letter, names::KAFKA_TOPIC), "bridge");
+        assert_eq!(header(letter, names::ORIGINAL_SIZE), "1");
+        assert!(header(letter, names::ERROR).contains("too large"));
+        assert_eq!(letter.key, "topic/1");
+        assert!(letter.value.is_empty(), "a value too large goes without it");
+        assert_eq!(task.metrics.dead_lettered_count("too_large"), 1);
+        assert_eq!(task.metrics.dropped_count("too_large"), 0);
+        assert_eq!(task.metrics.records_sent.get(), 9);
+        assert!(!task.failing());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_of_a_refused_topic_are_dead_lettered_with_their_values_or_dropped() {
+        let cases = [
+            (Outcome::TopicRefused, "topic_refused"),
+            (Outcome::TopicInvalid, "topic_invalid"),
+        ];
+        for ((outcome, reason), dlq) in cases
+            .into_iter()
+            .flat_map(|case| [(case, Some(DLQ)), (case, None)])
+        {
+            let script = Script::default();
+            script.for_topic(crate::producer::fake::TOPIC, outcome);
+            let task = start(&script, |c| c.dead_letter_topic = dlq.map(str::to_owned)).await;
+            task.send(batch(1, 10)).await;
+            task.until("acknowledged", |t| t.watermark() == 10).await;
+            assert!(!task.failing(), "{reason}, {dlq:?}: not an outage");
+            let letters = script.delivered_to(DLQ);
+            let values: Vec<_> = letters.iter().map(|r| r.value.clone()).collect();
+            if dlq.is_some() {
+                let expected: Vec<_> = (1..=10).map(|n| n.to_string().into_bytes()).collect();
+                assert_eq!(values, expected, "{reason}: the values kept");
+                assert_eq!(header(&letters[0], names::REASON), reason);
+                assert_eq!(task.metrics.dead_lettered_count(reason), 10);
+            } else {
+                assert!(letters.is_empty());
+                assert_eq!(task.metrics.dropped_count(reason), 10);
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_the_dead_letter_topic_refuses_is_dropped_and_counted() {
+        let script = Script::default();
+        script
+            .then(3, Outcome::Deliver)
+            .then(1, Outcome::TooLarge)
+            .for_topic(DLQ, Outcome::TopicRefused);
+        let task = start(&script, |c| c.dead_letter_topic = Some(DLQ.to_owned())).await;
+        task.send(batch(1, 10)).await;
+        task.until("acknowledged", |t| t.watermark() == 10).await;
+        assert_eq!(task.metrics.dropped_count("dead_letter_failed"), 1);
+        assert_eq!(task.metrics.dead_lettered_count("too_large"), 0);
+        assert_eq!(script.delivered().len(), 9);
+        assert!(!task.failing());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_kafka_does_not_take_waits_in_the_spool_with_its_headers() {
+        let script = Script::default();
+        script
+            .then(3, Outcome::Deliver)
+            .then(1, Outcome::TooLarge)
+            .then(6, Outcome::Deliver)
+            .then(1, Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start(&script, |c| c.dead_letter_topic = Some(DLQ.to_owned())).await;
+        task.send(batch(1, 10)).await;
+        task.until("the failing state", |t| t.failing()).await;
+        task.until("acknowledged once spooled", |t| t.watermark() == 10)
+            .await;
+        task.until("Kafka back", |t| !t.failing()).await;
+        let letters = script.delivered_to(DLQ);
+        assert_eq!(letters.len(), 1, "written once Kafka is back");
+        assert_eq!(header(&letters[0], names::REASON), "too_large");
+        assert_eq!(header(&letters[0], names::MQTT_TOPIC), "topic/1");
+        assert_eq!(task.metrics.dead_lettered_count("too_large"), 1);
+        assert_eq!(script.delivered().len(), 9);
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,7 +2,7 @@
 //! Admin API when missing, since some brokers do not create topics on produce) and
 //! Metamorphosis' start-up probe.
 
-use mkb_bridge::{AckHandle, envelope};
+use mkb_bridge::{AckHandle, Record, envelope};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use tracing::{debug, info, warn};
@@ -65,7 +65,8 @@ impl KafkaSink {
     }
 }
 
-/// Creates the bridge's topics (the main one and the probe's) unless they exist.
+/// Creates the bridge's topics (the main one, the probe's and the dead-letter topic) unless
+/// they exist.
 pub(crate) struct Topics {
     admin: AdminClient<BridgeContext>,
 }
@@ -74,6 +75,7 @@ impl Topics {
     pub(crate) async fn create(&self, config: &KafkaConfig) -> Result<(), KafkaError> {
         let mut names = vec![config.topic.as_str()];
         names.extend(config.test_topic.as_deref());
+        names.extend(config.dead_letter_topic.as_deref());
         let topics: Vec<NewTopic> = names
             .iter()
             .map(|name| {
@@ -129,13 +131,22 @@ async fn probe(
 ) -> Result<(), KafkaError> {
     let mut value = Vec::new();
     envelope::encode(PROBE_TOPIC_FIELD, PROBE_CONTENT, &mut value);
+    // Keyless, as Metamorphosis writes it.
+    let record = Record {
+        seq: 0,
+        topic: None,
+        key: String::new(),
+        value,
+        headers: Vec::new(),
+        received_at: tokio::time::Instant::now(),
+    };
     let failed = |reason: String| KafkaError::Probe {
         topic: topic.to_owned(),
         brokers: config.brokers.clone(),
         reason,
     };
     let reports = Reports::new();
-    producer::enqueue(producer, metrics, topic, None, &value, reports.ticket(0))
+    producer::enqueue(producer, metrics, topic, &record, reports.ticket(0))
         .await
         .map_err(|f| failed(f.text))?;
     if tokio::time::timeout(config.startup_timeout, reports.wait())

@@ -5,13 +5,13 @@
 //! everything version-specific (session expiry, Receive Maximum, reason codes) stays here.
 
 use std::future::Future;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use mkb_bridge::QoS;
 use rumqttc::v5::mqttbytes::v5 as mqtt5;
 use rumqttc::{Transport, v5};
 
+use crate::skip::{self, Skipped};
 use crate::{AckMode, MqttConfig};
 
 /// MQTT protocol version.
@@ -46,6 +46,17 @@ pub(crate) struct PollError {
     /// has to act, retrying alone will not help.
     pub refused: bool,
     pub message: String,
+    /// The broker sent a PUBLISH the client cannot read; the source task may read past it.
+    pub unreadable: Option<Unreadable>,
+}
+
+/// A PUBLISH rumqttc cannot read, which failed the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unreadable {
+    /// A packet of this many bytes, above `MQTT_MAX_PACKET_SIZE`.
+    TooLarge(usize),
+    /// Its topic is not UTF-8 (MQTT 3.1.1 only: the MQTT 5 client reads topics as bytes).
+    TopicNotUtf8,
 }
 
 /// The event loops are large and of different sizes; one connection lives per bridge, so
@@ -70,9 +81,11 @@ const REQUEST_CAPACITY: usize = 1024;
 const OUTGOING_INFLIGHT_V5: u16 = 16;
 
 impl Connection {
-    pub(crate) fn new(config: &MqttConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+    pub(crate) fn new(config: &MqttConfig, tls: Option<native_tls::TlsConnector>) -> Self {
         let transport = match tls {
-            Some(tls) => Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)),
+            Some(tls) => {
+                Transport::tls_with_config(rumqttc::TlsConfiguration::NativeConnector(tls))
+            }
             None => Transport::tcp(),
         };
         match config.version {
@@ -138,6 +151,12 @@ pub(crate) trait Link {
     fn ack(&self, qos: QoS, pkid: u16) -> bool;
     /// Queues a DISCONNECT, without waiting.
     fn disconnect(&self) -> bool;
+    /// After an unreadable PUBLISH broke the connection (MQTT 3.1.1, persistent session):
+    /// reads past it on a side connection and acknowledges it (see [`crate::skip`]).
+    fn read_past(
+        &mut self,
+        config: &MqttConfig,
+    ) -> impl Future<Output = Result<Option<Skipped>, String>> + Send;
 }
 
 impl Link for Connection {
@@ -195,6 +214,10 @@ impl Link for Connection {
             Self::V311 { client, .. } => client.try_disconnect().is_ok(),
             Self::V5 { client, .. } => client.try_disconnect().is_ok(),
         }
+    }
+
+    async fn read_past(&mut self, config: &MqttConfig) -> Result<Option<Skipped>, String> {
+        skip::read_past(config).await
     }
 }
 
@@ -261,6 +284,13 @@ fn poll_error_311(error: rumqttc::ConnectionError) -> PollError {
         ConnectionError::MqttState(StateError::Deserialization(
             mqttbytes::Error::PayloadSizeLimitExceeded(size),
         )) => too_large(size),
+        ConnectionError::MqttState(StateError::Deserialization(mqttbytes::Error::TopicNotUtf8)) => {
+            PollError {
+                refused: false,
+                message: "the broker sent a message whose topic is not UTF-8".to_owned(),
+                unreadable: Some(Unreadable::TopicNotUtf8),
+            }
+        }
         other => failed(other.to_string()),
     }
 }
@@ -276,13 +306,16 @@ fn poll_error_5(error: v5::ConnectionError) -> PollError {
     }
 }
 
-/// The broker sent a packet above `MQTT_MAX_PACKET_SIZE`. The client cannot read past it, so
-/// the connection drops and the broker sends it again: say what to change.
+/// The broker sent a packet above `MQTT_MAX_PACKET_SIZE`. rumqttc cannot read past it, so the
+/// connection drops; the source task then reads past it on a side connection.
 fn too_large(size: usize) -> PollError {
-    failed(format!(
-        "the broker sent a packet of {size} bytes, more than MQTT_MAX_PACKET_SIZE allows; it \
-         is sent again on every reconnect until MQTT_MAX_PACKET_SIZE is raised"
-    ))
+    PollError {
+        refused: false,
+        message: format!(
+            "the broker sent a packet of {size} bytes, more than MQTT_MAX_PACKET_SIZE allows"
+        ),
+        unreadable: Some(Unreadable::TooLarge(size)),
+    }
 }
 
 /// The broker answered CONNECT with a refusal (`code` is the return or reason code's name).
@@ -302,30 +335,55 @@ fn refused(code: &str) -> PollError {
     PollError {
         refused: true,
         message: format!("broker refused the connection: {what}{hint}"),
+        unreadable: None,
     }
 }
 
-/// Any other failure. TLS problems reach rumqttc by several paths (handshake, or a fatal alert
-/// read after it, as TLS 1.3 reports a rejected client certificate), so they are recognised by
-/// rustls' wording and reported as what they are.
+/// Any other failure. TLS problems reach rumqttc by several paths (the handshake, or a fatal
+/// alert read after it, as TLS 1.3 reports a rejected client certificate), so they are
+/// recognised by OpenSSL's wording and reported as what they are.
 fn failed(message: String) -> PollError {
-    let tls_detail = ["received fatal alert", "invalid peer certificate", "TLS"]
-        .iter()
-        .find_map(|marker| message.find(marker).map(|at| &message[at..]));
-    match tls_detail {
+    match tls_problem(&message) {
         // A certificate problem needs an operator, like a refused login.
-        Some(detail) => PollError {
+        Some(problem) => PollError {
             refused: true,
-            message: format!(
-                "TLS handshake failed: {}",
-                detail.trim_start_matches("TLS: ")
-            ),
+            message: format!("TLS handshake failed: {problem}"),
+            unreadable: None,
         },
         None => PollError {
             refused: false,
             message,
+            unreadable: None,
         },
     }
+}
+
+/// What OpenSSL's error string (`error:CODE:SSL routines:FUNCTION:REASON:FILE:LINE:DATA`, and
+/// the certificate verification result in parentheses) says went wrong, with what to check.
+fn tls_problem(message: &str) -> Option<String> {
+    const LIBRARY: &str = "SSL routines:";
+    let at = message.find(LIBRARY)?;
+    let mut fields = message[at + LIBRARY.len()..].split(':');
+    let reason = fields.nth(1).unwrap_or_default().trim();
+    let verify = message
+        .rfind(" (")
+        .filter(|&open| open > at)
+        .map(|open| message[open + 2..].trim_end_matches(')'));
+    let hint = if reason.contains("unknown ca") || reason.contains("bad certificate") {
+        "the broker does not accept MQTT_CLIENT_CERT (check the CA that issued it)"
+    } else if reason.contains("certificate required") {
+        "the broker requires a client certificate: set MQTT_CLIENT_CERT and MQTT_CLIENT_KEY"
+    } else if reason.contains("certificate expired") {
+        "the broker says MQTT_CLIENT_CERT has expired"
+    } else if reason.contains("certificate verify failed") {
+        "the broker's certificate is not trusted (check ROOT_CA and MQTT_BROKER)"
+    } else {
+        "check ROOT_CA, MQTT_CLIENT_CERT and MQTT_CLIENT_KEY"
+    };
+    Some(match verify {
+        Some(verify) => format!("{reason}: {verify}; {hint}"),
+        None => format!("{reason}; {hint}"),
+    })
 }
 
 fn qos_311(qos: QoS) -> rumqttc::QoS {
@@ -357,5 +415,42 @@ fn qos_from_5(qos: v5::mqttbytes::QoS) -> QoS {
         v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
         v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
         v5::mqttbytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openssl_errors_are_reported_as_tls_problems_with_what_to_check() {
+        let cases = [
+            (
+                "Mqtt state: Mqtt serialization/deserialization error: IO: error:0A000418:SSL \
+                 routines:ssl3_read_bytes:tlsv1 alert unknown ca:../ssl/record/rec_layer_s3.c:\
+                 1601:SSL alert number 48",
+                "tlsv1 alert unknown ca; the broker does not accept MQTT_CLIENT_CERT",
+            ),
+            (
+                "TLS: Native TLS error error:0A000086:SSL routines:tls_post_process_server_\
+                 certificate:certificate verify failed:../ssl/statem/statem_clnt.c:1889: \
+                 (self-signed certificate in certificate chain)",
+                "certificate verify failed: self-signed certificate in certificate chain; the \
+                 broker's certificate is not trusted",
+            ),
+        ];
+        for (message, expected) in cases {
+            let error = failed(message.to_owned());
+            assert!(error.refused, "{message}");
+            assert!(
+                error.message.starts_with("TLS handshake failed: ")
+                    && error.message.contains(expected),
+                "{}",
+                error.message
+            );
+        }
+        let other = failed("I/O: connection refused".to_owned());
+        assert!(!other.refused);
+        assert_eq!(other.message, "I/O: connection refused");
     }
 }

@@ -10,6 +10,7 @@
 mod backoff;
 mod connection;
 mod metrics;
+mod skip;
 mod source;
 mod tls;
 

@@ -22,6 +22,12 @@ pub struct MqttMetrics {
     pub intake: IntGauge,
     /// Messages dropped because the intake queue was full.
     pub dropped_intake_full: IntCounter,
+    /// Messages above `MQTT_MAX_PACKET_SIZE` the broker sent: read past, acknowledged, their
+    /// payload not passed on (a dead letter says so when a dead-letter topic is set).
+    pub oversized: IntCounter,
+    /// Messages whose topic is not UTF-8 (from a broker that does not check): read past and
+    /// acknowledged, passed on only as dead letters.
+    pub invalid_topic: IntCounter,
 }
 
 impl MqttMetrics {
@@ -84,6 +90,8 @@ impl MqttMetrics {
             ack_latency,
             intake,
             dropped_intake_full: dropped.with_label_values(&["intake_full"]),
+            oversized: dropped.with_label_values(&["too_large"]),
+            invalid_topic: dropped.with_label_values(&["invalid_topic"]),
         })
     }
 

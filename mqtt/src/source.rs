@@ -23,15 +23,17 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
+use mkb_bridge::dead_letter::{self, DeadLetter};
 use mkb_bridge::{AckWatermark, Message, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::connection::{Connection, Incoming, Link, MqttVersion, PollError};
+use crate::connection::{Connection, Incoming, Link, MqttVersion, PollError, Unreadable};
+#[cfg(test)]
+use crate::skip::Skipped;
 use crate::{Backoff, MqttMetrics};
 
 /// User name and password for the MQTT broker. `Debug` never shows the password.
@@ -66,11 +68,13 @@ pub struct MqttConfig {
     pub clean_session: bool,
     /// Largest MQTT packet accepted, in bytes.
     pub max_packet_size: usize,
+    /// `KAFKA_DLQ_TOPIC`: where a message read past for its size is reported.
+    pub dead_letter_topic: Option<String>,
     /// MQTT 5 Receive Maximum: unacknowledged QoS 1/2 messages the broker may send at once.
     pub receive_maximum: u16,
     pub credentials: Option<Credentials>,
-    /// TLS client configuration, built (and its files checked) before the task starts.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// TLS connector, built (and its files checked) before the task starts.
+    pub tls: Option<native_tls::TlsConnector>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub ack_mode: AckMode,
@@ -138,6 +142,8 @@ pub struct MqttSource {
     /// queued then would go out on the new connection, where its packet id may name another
     /// message (rumqttc discards only the acks already queued when the error happened).
     connected: bool,
+    /// A SUBSCRIBE went out on this connection and its SUBACK has not come yet.
+    subscribing: bool,
 }
 
 /// What woke the task up.
@@ -161,6 +167,7 @@ impl MqttSource {
             unacked: VecDeque::new(),
             done_through: 0,
             connected: false,
+            subscribing: false,
         }
     }
 
@@ -239,10 +246,23 @@ impl MqttSource {
                     // now. After a ConnAck there are none: the old connection's were forgotten.
                     self.acknowledge(&connection);
                 }
-                Wake::Connection(Err(e)) => {
+                Wake::Connection(Err(mut e)) => {
                     self.connected = false;
+                    if std::mem::take(&mut self.subscribing) && e.unreadable.is_none() {
+                        // Some brokers close the connection instead of refusing a filter.
+                        e.refused = true;
+                        e.message = format!(
+                            "the broker closed the connection before answering SUBSCRIBE: is \
+                             the client allowed to subscribe to MQTT_TOPIC ({})? ({})",
+                            self.config.filters.join(", "),
+                            e.message
+                        );
+                    }
                     let delay = backoff.next_delay();
                     self.on_connection_error(&broker, &e, delay);
+                    if let Some(unreadable) = e.unreadable {
+                        self.read_past(&mut connection, &output, unreadable).await;
+                    }
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = tokio::time::sleep(delay) => {}
@@ -292,7 +312,13 @@ impl MqttSource {
             payload,
             qos,
             received_at,
+            dead_letter: None,
         };
+        self.pass_on(output, message, deferred);
+    }
+
+    /// Passes a message on, or queues it while the pipeline is full.
+    fn pass_on(&mut self, output: &mpsc::Sender<Message>, message: Message, deferred: bool) {
         if self.intake.is_empty() {
             match output.try_send(message) {
                 Ok(()) => {}
@@ -304,6 +330,90 @@ impl MqttSource {
         } else {
             self.queue(message, deferred);
         }
+    }
+
+    /// A PUBLISH the client cannot read (above `MQTT_MAX_PACKET_SIZE`, or its topic not UTF-8)
+    /// broke the connection. Under MQTT 3.1.1 with a persistent session the broker would send
+    /// it first on every reconnect, so it is read past on a side connection and acknowledged
+    /// there; with a dead-letter topic, a dead letter (the topic, the size, and the payload
+    /// when it was within the limit) goes through the pipeline. MQTT 5 brokers do not send
+    /// packets above the Maximum Packet Size the bridge announces, and with a clean session the
+    /// broker forgets the message.
+    async fn read_past(
+        &mut self,
+        connection: &mut impl Link,
+        output: &mpsc::Sender<Message>,
+        unreadable: Unreadable,
+    ) {
+        let counter = match unreadable {
+            Unreadable::TooLarge(_) => &self.metrics.oversized,
+            Unreadable::TopicNotUtf8 => &self.metrics.invalid_topic,
+        };
+        counter.inc();
+        if self.config.version != MqttVersion::V311 || self.config.clean_session {
+            error!(
+                problem = ?unreadable, limit = self.config.max_packet_size,
+                "Unreadable MQTT message dropped (the broker does not send it again)."
+            );
+            return;
+        }
+        let skipped = match connection.read_past(&self.config).await {
+            Ok(Some(skipped)) => skipped,
+            Ok(None) => {
+                warn!(
+                    problem = ?unreadable,
+                    "Unreadable MQTT message not sent again by the broker (QoS 0): dropped."
+                );
+                return;
+            }
+            Err(e) => {
+                warn!(
+                    problem = ?unreadable, error = %e,
+                    "Could not read past an unreadable MQTT message; trying again after the \
+                     next reconnect."
+                );
+                return;
+            }
+        };
+        let (reason, error) = match &skipped.payload {
+            None => (
+                dead_letter::MQTT_TOO_LARGE,
+                format!(
+                    "MQTT packet of {} bytes, above MQTT_MAX_PACKET_SIZE ({} bytes)",
+                    skipped.size, self.config.max_packet_size
+                ),
+            ),
+            Some(_) => (
+                dead_letter::MQTT_INVALID_TOPIC,
+                "MQTT topic is not UTF-8".to_owned(),
+            ),
+        };
+        error!(
+            mqtt_topic = %skipped.topic, bytes = skipped.size, qos = skipped.qos.level(),
+            error = %error,
+            "Unreadable MQTT message read past and acknowledged; it is not in Kafka's topic."
+        );
+        let Some(topic) = self.config.dead_letter_topic.clone() else {
+            return;
+        };
+        self.last_seq += 1;
+        let message = Message {
+            seq: self.last_seq,
+            topic: skipped.topic,
+            payload: skipped
+                .payload
+                .map_or_else(bytes::Bytes::new, bytes::Bytes::from),
+            // Already acknowledged on the side connection.
+            qos: QoS::AtMostOnce,
+            received_at: Instant::now(),
+            dead_letter: Some(Box::new(DeadLetter {
+                topic,
+                reason,
+                original_size: skipped.size,
+                error,
+            })),
+        };
+        self.pass_on(output, message, false);
     }
 
     /// Keeps a message in the intake queue, or drops it (counted) when the queue is full and
@@ -364,6 +474,7 @@ impl MqttSource {
     }
 
     fn on_connected(&mut self, connection: &impl Link, broker: &str, session_present: bool) {
+        self.subscribing = false;
         // The broker sends every unacknowledged message again on the new connection; acking
         // the old packet ids would not name the right messages.
         self.unacked.clear();
@@ -377,12 +488,14 @@ impl MqttSource {
         );
         // Subscribing again when the session survived is harmless and covers a changed
         // filter list between runs.
-        if let Err(e) = connection.subscribe(&self.config.filters, self.config.qos) {
-            error!(error = %e, "Could not queue the MQTT subscription.");
+        match connection.subscribe(&self.config.filters, self.config.qos) {
+            Ok(()) => self.subscribing = true,
+            Err(e) => error!(error = %e, "Could not queue the MQTT subscription."),
         }
     }
 
-    fn on_suback(&self, granted: &[Result<QoS, String>]) {
+    fn on_suback(&mut self, granted: &[Result<QoS, String>]) {
+        self.subscribing = false;
         let mut refused = Vec::new();
         for (filter, result) in self.config.filters.iter().zip(granted) {
             match result {
@@ -531,9 +644,9 @@ impl MqttSource {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Mutex;
+pub(crate) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
 
     use mkb_bridge::{AckHandle, ack_channel};
     use tokio::sync::oneshot;
@@ -550,6 +663,9 @@ mod tests {
         disconnects: AtomicUsize,
         /// Acknowledgements the request channel still takes before it is full.
         room: AtomicUsize,
+        /// What each side connection reading past an oversized packet finds, in turn.
+        read_past: Mutex<VecDeque<Result<Option<Skipped>, String>>>,
+        read_past_calls: AtomicUsize,
     }
 
     /// A connection whose events the test sends.
@@ -587,9 +703,15 @@ mod tests {
             self.seen.disconnects.fetch_add(1, Ordering::Relaxed);
             true
         }
+
+        async fn read_past(&mut self, _config: &MqttConfig) -> Result<Option<Skipped>, String> {
+            self.seen.read_past_calls.fetch_add(1, Ordering::Relaxed);
+            let next = self.seen.read_past.lock().expect("lock").pop_front();
+            next.unwrap_or(Ok(None))
+        }
     }
 
-    fn config(ack_mode: AckMode) -> MqttConfig {
+    pub(crate) fn config(ack_mode: AckMode) -> MqttConfig {
         MqttConfig {
             host: "mqtt.invalid".to_owned(),
             port: 1883,
@@ -600,6 +722,7 @@ mod tests {
             keep_alive: Duration::from_secs(30),
             clean_session: false,
             max_packet_size: 1 << 20,
+            dead_letter_topic: None,
             receive_maximum: 1000,
             credentials: None,
             tls: None,
@@ -623,6 +746,14 @@ mod tests {
 
     /// A task with a pipeline of `capacity` messages, connected and subscribed.
     async fn start(ack_mode: AckMode, capacity: usize) -> Task {
+        start_with(ack_mode, capacity, |_| {}).await
+    }
+
+    async fn start_with(
+        ack_mode: AckMode,
+        capacity: usize,
+        adjust: impl FnOnce(&mut MqttConfig),
+    ) -> Task {
         let (broker, events) = mpsc::unbounded_channel();
         let seen = Arc::new(Seen::default());
         seen.room.store(usize::MAX, Ordering::Relaxed);
@@ -631,7 +762,9 @@ mod tests {
             seen: seen.clone(),
         };
         let metrics = MqttMetrics::new(&prometheus::Registry::new()).expect("metrics");
-        let source = MqttSource::new(config(ack_mode), metrics.clone());
+        let mut config = config(ack_mode);
+        adjust(&mut config);
+        let source = MqttSource::new(config, metrics.clone());
         let status = source.status();
         let (output_tx, output) = mpsc::channel(capacity);
         let (done, watermark) = ack_channel();
@@ -672,9 +805,14 @@ mod tests {
         }
 
         fn fail(&self, message: &str) {
+            self.fail_with(message, None);
+        }
+
+        fn fail_with(&self, message: &str, unreadable: Option<Unreadable>) {
             let error = PollError {
                 refused: false,
                 message: message.to_owned(),
+                unreadable,
             };
             self.broker.send(Err(error)).expect("task polls");
         }
@@ -685,6 +823,18 @@ mod tests {
                 tokio::task::yield_now().await;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        /// The next side connection finds a message of [`BIG`] bytes on `topic`.
+        fn will_read_past(&self, topic: &str, qos: QoS) {
+            let skipped = Skipped {
+                topic: topic.to_owned(),
+                size: BIG,
+                qos,
+                payload: None,
+            };
+            let mut script = self.seen.read_past.lock().expect("lock");
+            script.push_back(Ok(Some(skipped)));
         }
 
         fn acks(&self) -> Vec<u16> {
@@ -869,5 +1019,95 @@ mod tests {
         assert_eq!(task.output.try_recv().expect("passed on").seq, 1);
         assert_eq!(task.metrics.awaiting_ack.get(), 0);
         assert!(task.acks().is_empty(), "the client acknowledges on its own");
+    }
+
+    const BIG: usize = 20 << 20;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_packet_above_the_limit_is_read_past_and_reported_as_a_dead_letter() {
+        let mut task = start_with(AckMode::AfterWrite, 10, |c| {
+            c.dead_letter_topic = Some("dlq".to_owned());
+        })
+        .await;
+        task.will_read_past("cars/big", QoS::AtLeastOnce);
+        task.event(publish(1, QoS::AtLeastOnce, 10));
+        task.fail_with("packet too large", Some(Unreadable::TooLarge(BIG)));
+        task.settle().await;
+        assert_eq!(task.seen.read_past_calls.load(Ordering::Relaxed), 1);
+        assert_eq!(task.metrics.oversized.get(), 1);
+        let first = task.output.recv().await.expect("the message before");
+        assert!(first.dead_letter.is_none());
+        let letter = task.output.recv().await.expect("the dead letter");
+        assert_eq!(letter.topic, "cars/big");
+        assert_eq!(
+            letter.qos,
+            QoS::AtMostOnce,
+            "acknowledged on the side connection"
+        );
+        assert!(letter.payload.is_empty());
+        let dead = letter.dead_letter.expect("a dead letter");
+        assert_eq!(
+            (dead.topic.as_str(), dead.reason, dead.original_size),
+            ("dlq", dead_letter::MQTT_TOO_LARGE, BIG)
+        );
+        assert!(
+            dead.error.contains("MQTT_MAX_PACKET_SIZE"),
+            "{}",
+            dead.error
+        );
+        assert_eq!(letter.seq, first.seq + 1, "numbered like any message");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_dead_letter_topic_a_message_read_past_is_only_counted() {
+        let mut task = start(AckMode::AfterWrite, 10).await;
+        task.will_read_past("cars/big", QoS::ExactlyOnce);
+        task.fail_with("packet too large", Some(Unreadable::TooLarge(BIG)));
+        task.settle().await;
+        assert_eq!(task.seen.read_past_calls.load(Ordering::Relaxed), 1);
+        assert_eq!(task.metrics.oversized.get(), 1);
+        assert!(task.output.try_recv().is_err(), "nothing passed on");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_side_connection_where_the_broker_does_not_send_the_packet_again() {
+        for (version, clean_session) in [(MqttVersion::V5, false), (MqttVersion::V311, true)] {
+            let task = start_with(AckMode::AfterWrite, 10, |c| {
+                c.version = version;
+                c.clean_session = clean_session;
+            })
+            .await;
+            task.fail_with("packet too large", Some(Unreadable::TooLarge(BIG)));
+            task.settle().await;
+            assert_eq!(task.seen.read_past_calls.load(Ordering::Relaxed), 0);
+            assert_eq!(task.metrics.oversized.get(), 1, "{version:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_closed_after_subscribe_is_reported_as_a_refused_subscription() {
+        let task = start(AckMode::AfterWrite, 10).await;
+        task.event(Incoming::ConnAck {
+            session_present: false,
+        });
+        task.fail("connection closed by peer");
+        task.settle().await;
+        let status = task.status.borrow().clone();
+        let error = status.last_error.expect("an error");
+        assert!(
+            error.contains("closed the connection before answering SUBSCRIBE")
+                && error.contains("cars/#"),
+            "{error}"
+        );
+        // A failure once subscribed is an ordinary one.
+        task.event(Incoming::ConnAck {
+            session_present: false,
+        });
+        task.event(Incoming::SubAck(vec![Ok(QoS::AtLeastOnce)]));
+        task.fail("connection closed by peer");
+        // Past the reconnect delay (paused time).
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let error = task.status.borrow().last_error.clone().expect("an error");
+        assert_eq!(error, "connection closed by peer");
     }
 }

@@ -62,3 +62,143 @@ impl TestCa {
         issued
     }
 }
+
+/// A CA made with the `openssl` command line the way Mosquitto's TLS documentation shows
+/// (`openssl req -x509` for the CA, `openssl x509 -req` without an extensions file for the
+/// rest), so the broker's and clients' certificates are X.509 v1 with no subjectAltName: the
+/// broker must be reached as `localhost`, which the certificate's common name holds.
+pub struct OpensslCa {
+    dir: PathBuf,
+    /// The CA certificate, as a PEM file.
+    pub cert: PathBuf,
+}
+
+/// The key formats `openssl` writes, for [`OpensslCa::issue`].
+#[derive(Clone, Copy, Debug)]
+pub enum KeyFormat {
+    /// `openssl genrsa` (OpenSSL 3): `BEGIN PRIVATE KEY`.
+    Pkcs8,
+    /// `openssl rsa -traditional`: `BEGIN RSA PRIVATE KEY`.
+    Pkcs1,
+    /// `openssl ecparam -genkey`: `BEGIN EC PARAMETERS` then `BEGIN EC PRIVATE KEY`.
+    Sec1,
+    /// `openssl pkcs8 -topk8 -v2 aes-256-cbc` with this password: `BEGIN ENCRYPTED PRIVATE KEY`.
+    EncryptedPkcs8(&'static str),
+    /// `openssl rsa -aes256 -traditional` with this password: `Proc-Type: 4,ENCRYPTED`.
+    EncryptedPkcs1(&'static str),
+}
+
+impl OpensslCa {
+    pub fn new(dir: &Path) -> Self {
+        let cert = dir.join("ca.crt");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-x509",
+                "-days",
+                "30",
+                "-extensions",
+                "v3_ca",
+                "-nodes",
+                "-subj",
+                "/CN=openssl test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ],
+        );
+        Self {
+            dir: dir.to_owned(),
+            cert,
+        }
+    }
+
+    /// Issues a v1 certificate with common name `cn` for a new key in `format`.
+    pub fn issue(&self, name: &str, cn: &str, format: KeyFormat) -> Issued {
+        let dir = &self.dir;
+        let key = format!("{name}.key");
+        let plain = format!("{name}.plain.key");
+        match format {
+            KeyFormat::Sec1 => openssl(
+                dir,
+                &["ecparam", "-name", "prime256v1", "-genkey", "-out", &plain],
+            ),
+            _ => openssl(dir, &["genrsa", "-out", &plain, "2048"]),
+        }
+        let csr = format!("{name}.csr");
+        let subject = format!("/CN={cn}");
+        openssl(
+            dir,
+            &[
+                "req", "-new", "-key", &plain, "-subj", &subject, "-out", &csr,
+            ],
+        );
+        let cert = format!("{name}.crt");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-out",
+                &cert,
+            ],
+        );
+        let text = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in", &cert])
+            .current_dir(dir)
+            .output()
+            .expect("openssl x509 -text");
+        assert!(
+            String::from_utf8_lossy(&text.stdout).contains("Version: 1 (0x0)"),
+            "openssl x509 -req issued an X.509 v1 certificate"
+        );
+        match format {
+            KeyFormat::Pkcs8 | KeyFormat::Sec1 => {
+                std::fs::rename(dir.join(&plain), dir.join(&key)).expect("rename key");
+            }
+            KeyFormat::Pkcs1 => openssl(dir, &["rsa", "-in", &plain, "-traditional", "-out", &key]),
+            KeyFormat::EncryptedPkcs8(password) | KeyFormat::EncryptedPkcs1(password) => {
+                let how: &[&str] = match format {
+                    KeyFormat::EncryptedPkcs8(_) => &["pkcs8", "-topk8", "-v2", "aes-256-cbc"],
+                    _ => &["rsa", "-aes256", "-traditional"],
+                };
+                let pass = format!("pass:{password}");
+                let rest = ["-in", &plain, "-passout", &pass, "-out", &key];
+                openssl(dir, &[how, &rest[..]].concat());
+            }
+        }
+        Issued {
+            cert: dir.join(cert),
+            key: dir.join(key),
+        }
+    }
+}
+
+/// Runs the `openssl` command line in `dir`, failing the test with its output if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `openssl` ({e}): install it with `apt-get install openssl`")
+        });
+    assert!(
+        output.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use mkb_bridge::envelope;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 /// One record read back from Kafka, envelope decoded.
@@ -16,6 +17,8 @@ pub struct Received {
     pub payload: Vec<u8>,
     /// The raw record value, for byte-level checks.
     pub value: Vec<u8>,
+    /// Kafka headers, name and value (a null value reads as empty).
+    pub headers: Vec<(String, Vec<u8>)>,
     pub partition: i32,
     pub offset: i64,
 }
@@ -24,6 +27,16 @@ pub struct Received {
 pub struct KafkaReader {
     consumer: StreamConsumer,
     pub received: Vec<Received>,
+}
+
+impl Received {
+    /// The value of header `name`, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
 }
 
 impl KafkaReader {
@@ -86,12 +99,31 @@ impl KafkaReader {
             };
             let message = next.expect("Kafka consumer error");
             let value = message.payload().unwrap_or_default().to_vec();
-            let decoded = envelope::decode(&value)
-                .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&value)));
+            let headers: Vec<(String, Vec<u8>)> = message.headers().map_or(Vec::new(), |h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            });
+            let header = |name: &str| -> Option<String> {
+                headers
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            };
+            // A dead letter may have lost its value (too large): its header names the topic.
+            let decoded = match (envelope::decode(&value), header("mqtt.dlq.reason")) {
+                (Ok(decoded), _) => decoded,
+                (Err(_), Some(_)) => envelope::Decoded {
+                    topic: header("mqtt.topic").unwrap_or_default(),
+                    payload: value.clone(),
+                },
+                (Err(e), None) => panic!("{e}: {:?}", String::from_utf8_lossy(&value)),
+            };
             self.received.push(Received {
                 key: message.key().map(<[u8]>::to_vec),
                 mqtt_topic: decoded.topic,
                 payload: decoded.payload,
+                headers,
                 value,
                 partition: message.partition(),
                 offset: message.offset(),

@@ -34,18 +34,28 @@ fn find_executable(name: &str, extra_dirs: &[PathBuf], install: &str) -> PathBuf
 
 /// Waits until something accepts TCP connections on `port`, or panics naming `what`.
 fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    if let Err(e) = listening(port, what, child) {
+        panic!("{e}");
+    }
+}
+
+/// Waits until something accepts TCP connections on `port`; an error when the child exits
+/// first or nothing listens within 20 s.
+fn listening(port: u16, what: &str, child: &mut Child) -> Result<(), String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
+            return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited with {status} before listening on port {port}");
+            return Err(format!(
+                "{what} exited with {status} before listening on port {port}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("{what} did not listen on port {port} within 20 s");
+    Err(format!("{what} did not listen on port {port} within 20 s"))
 }
 
 fn kill(child: &mut Child) {
@@ -89,25 +99,50 @@ impl Mosquitto {
         Self::start_with(MosquittoOptions::default())
     }
 
+    /// Starts Mosquitto with `options` on free ports. A port found free can be taken by
+    /// another process (an outgoing connection's ephemeral port) before Mosquitto binds it;
+    /// then Mosquitto exits at once, and it is started again on other ports.
     pub fn start_with(options: MosquittoOptions) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for mosquitto");
-        let port = free_port();
-        let plain_port = if options.tls.is_some() {
-            free_port()
-        } else {
-            port
-        };
-        let child = Self::spawn(dir.path(), port, plain_port, &options);
-        Self {
-            child,
-            port,
-            plain_port,
-            dir,
-            options,
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let plain_port = if options.tls.is_some() {
+                free_port()
+            } else {
+                port
+            };
+            match Self::try_spawn(dir.path(), port, plain_port, &options) {
+                Ok(child) => {
+                    return Self {
+                        child,
+                        port,
+                        plain_port,
+                        dir,
+                        options,
+                    };
+                }
+                Err(e) => failures.push(e),
+            }
         }
+        let log = std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default();
+        panic!("mosquitto did not start: {failures:?}; its log:\n{log}");
     }
 
     fn spawn(dir: &Path, port: u16, plain_port: u16, options: &MosquittoOptions) -> Child {
+        let mut child = Self::spawn_unchecked(dir, port, plain_port, options);
+        wait_for_port(port, "mosquitto", &mut child);
+        wait_for_port(plain_port, "mosquitto", &mut child);
+        child
+    }
+
+    /// Writes the configuration and starts Mosquitto, without waiting for it to listen.
+    fn spawn_unchecked(
+        dir: &Path,
+        port: u16,
+        plain_port: u16,
+        options: &MosquittoOptions,
+    ) -> Child {
         let binary = find_executable(
             "mosquitto",
             &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")],
@@ -152,17 +187,33 @@ impl Mosquitto {
             None => text.push_str("allow_anonymous true\n"),
         }
         std::fs::write(&conf, text).expect("write mosquitto.conf");
-        let mut child = Command::new(binary)
+        Command::new(binary)
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn mosquitto");
-        wait_for_port(port, "mosquitto", &mut child);
-        wait_for_port(plain_port, "mosquitto", &mut child);
-        child
+            .expect("spawn mosquitto")
+    }
+
+    /// [`Mosquitto::spawn`], with an error instead of a panic when it does not listen.
+    fn try_spawn(
+        dir: &Path,
+        port: u16,
+        plain_port: u16,
+        options: &MosquittoOptions,
+    ) -> Result<Child, String> {
+        let mut child = Self::spawn_unchecked(dir, port, plain_port, options);
+        let listens = listening(port, "mosquitto", &mut child)
+            .and_then(|()| listening(plain_port, "mosquitto", &mut child));
+        match listens {
+            Ok(()) => Ok(child),
+            Err(e) => {
+                kill(&mut child);
+                Err(e)
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {

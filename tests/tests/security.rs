@@ -1,9 +1,10 @@
 //! Secure MQTT connections against a real Mosquitto: TLS with and without a client certificate,
-//! a certificate from a CA the broker does not trust, and user name / password.
+//! a certificate from a CA the broker does not trust, certificates and keys made with the
+//! `openssl` command line as Mosquitto's documentation shows, and user name / password.
 
 use std::time::Duration;
 
-use mkb_tests::certs::TestCa;
+use mkb_tests::certs::{KeyFormat, OpensslCa, TestCa};
 use mkb_tests::{
     KafkaReader, ListenerTls, Mosquitto, MosquittoOptions, Publisher, RunningBridge, Tansu,
     bridge_config, eventually, http_get, init_logging, unique,
@@ -46,6 +47,7 @@ async fn refusal_reason(mqtt: &Mosquitto, overrides: &[(&str, &str)]) -> String 
     .await;
     let readyz = http_get(bridge.health_addr, "/readyz").await;
     assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
+    eprintln!("/readyz: {}", readyz.lines().last().unwrap_or_default());
     assert_eq!(bridge.metric("bridge_mqtt_subscribed").await, 0.0);
     bridge.stop().await.expect("clean stop");
     readyz
@@ -61,8 +63,7 @@ fn tls_broker(dir: &std::path::Path, require_certificate: bool) -> (Mosquitto, T
             key_file: server.key,
             require_certificate,
         }),
-        user: None,
-        max_inflight: None,
+        ..MosquittoOptions::default()
     });
     (mqtt, ca)
 }
@@ -142,9 +143,8 @@ async fn broker_certificate_from_an_untrusted_ca_is_refused() {
 async fn right_credentials_work_and_wrong_ones_are_named() {
     init_logging();
     let mqtt = Mosquitto::start_with(MosquittoOptions {
-        tls: None,
         user: Some(("bridge".to_owned(), "s3cret".to_owned())),
-        max_inflight: None,
+        ..MosquittoOptions::default()
     });
     bridges_one_message(
         &mqtt,
@@ -172,4 +172,69 @@ async fn right_credentials_work_and_wrong_ones_are_named() {
         !reason.contains("wrong-password"),
         "the password leaked: {reason}"
     );
+}
+
+/// Mutual TLS with X.509 v1 certificates for the broker and the bridge, issued by
+/// `openssl x509 -req` without an extensions file, and the client key in each format openssl
+/// writes: every one connects and bridges a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_certificates_and_every_key_format_from_the_openssl_command_line_work() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = OpensslCa::new(dir.path());
+    let server = ca.issue("server", "localhost", KeyFormat::Pkcs8);
+    let mqtt = Mosquitto::start_with(MosquittoOptions {
+        tls: Some(ListenerTls {
+            ca_file: ca.cert.clone(),
+            cert_file: server.cert,
+            key_file: server.key,
+            require_certificate: true,
+        }),
+        ..MosquittoOptions::default()
+    });
+    let kafka = Tansu::start();
+    let publisher = Publisher::connect(mqtt.plain_port()).await;
+    let formats = [
+        KeyFormat::Pkcs8,
+        KeyFormat::Pkcs1,
+        KeyFormat::Sec1,
+        KeyFormat::EncryptedPkcs8("pass phrase"),
+        KeyFormat::EncryptedPkcs1("s3cret"),
+    ];
+    for (n, format) in formats.into_iter().enumerate() {
+        let client = ca.issue(&format!("client{n}"), "bridge", format);
+        let password = match format {
+            KeyFormat::EncryptedPkcs8(p) | KeyFormat::EncryptedPkcs1(p) => p,
+            _ => "",
+        };
+        let (ca_file, cert, key) = (
+            ca.cert.display().to_string(),
+            client.cert.display().to_string(),
+            client.key.display().to_string(),
+        );
+        let topic = format!("mqtt-{}", unique());
+        let mut overrides = vec![
+            ("MQTT_BROKER", "localhost"),
+            ("ROOT_CA", ca_file.as_str()),
+            ("MQTT_CLIENT_CERT", cert.as_str()),
+            ("MQTT_CLIENT_KEY", key.as_str()),
+        ];
+        if !password.is_empty() {
+            overrides.push(("MQTT_CLIENT_KEY_PASSWORD", password));
+        }
+        let config = bridge_config(mqtt.port(), kafka.port(), &topic, "secure/#", &overrides);
+        let bridge = RunningBridge::start(config)
+            .await
+            .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+        bridge.wait_subscribed().await;
+        let payload = format!("{format:?}");
+        publisher
+            .publish("secure/v1", payload.clone(), QoS::AtLeastOnce)
+            .await;
+        let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
+        let received = reader.read_exactly(1, Duration::from_secs(30)).await;
+        assert_eq!(received[0].payload, payload.as_bytes());
+        eprintln!("v1 client certificate, key {format:?}: bridged");
+        bridge.stop().await.expect("clean stop");
+    }
 }

@@ -53,8 +53,7 @@ pub enum Scan<'a> {
     End,
 }
 
-/// Bytes an entry of `count` records whose keys and values hold `bytes` takes on disk (the
-/// default topic and no headers, as the bridge writes them today).
+/// Bytes an entry of `count` records whose [`Record::size`]s add up to `bytes` takes on disk.
 pub fn frame_size(count: usize, bytes: usize) -> usize {
     HEADER_BYTES + BODY_OVERHEAD + count * RECORD_OVERHEAD + bytes
 }
@@ -74,10 +73,14 @@ pub fn encode(id: u64, records: &[Record], out: &mut Vec<u8>) {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_micros() as u64);
         out.extend_from_slice(&received.to_le_bytes());
-        put(out, b""); // the default topic
+        put(out, record.topic.as_deref().unwrap_or_default().as_bytes());
         put(out, record.key.as_bytes());
         put(out, &record.value);
-        out.extend_from_slice(&0u32.to_le_bytes()); // no headers
+        out.extend_from_slice(&(record.headers.len() as u32).to_le_bytes());
+        for (name, value) in &record.headers {
+            put(out, name.as_bytes());
+            put(out, value);
+        }
     }
     let body = start + HEADER_BYTES;
     let length = (out.len() - body) as u32;
@@ -154,8 +157,11 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// One record as a body holds it, borrowed.
 struct Fields<'a> {
     received_micros: u64,
+    topic: &'a str,
     key: Option<&'a str>,
     value: &'a [u8],
+    /// Where the headers start in the body, and how many there are.
+    headers: (&'a [u8], u32),
 }
 
 /// Walks a body's records, handing each to `visit`; `None` when the layout is wrong (a frame
@@ -170,20 +176,24 @@ fn parse<'a>(body: &'a [u8], mut visit: impl FnMut(Fields<'a>)) -> Option<usize>
     }
     for _ in 0..count {
         let received_micros = take_u64(&mut rest)?;
-        let _topic = std::str::from_utf8(take_bytes(&mut rest)?).ok()?;
+        let topic = std::str::from_utf8(take_bytes(&mut rest)?).ok()?;
         let key = match take_optional(&mut rest)? {
             Some(key) => Some(std::str::from_utf8(key).ok()?),
             None => None,
         };
         let value = take_bytes(&mut rest)?;
-        for _ in 0..take_u32(&mut rest)? {
+        let header_count = take_u32(&mut rest)?;
+        let headers = rest;
+        for _ in 0..header_count {
             std::str::from_utf8(take_bytes(&mut rest)?).ok()?;
             take_optional(&mut rest)?;
         }
         visit(Fields {
             received_micros,
+            topic,
             key,
             value,
+            headers: (headers, header_count),
         });
     }
     rest.is_empty().then_some(count)
@@ -194,18 +204,29 @@ pub fn check(body: &[u8]) -> Option<usize> {
     parse(body, |_| {})
 }
 
-/// The records of an intact frame's body, `None` when its layout is wrong. A null key reads as
-/// an empty one: this release writes none.
+/// The records of an intact frame's body, `None` when its layout is wrong. A null key or header
+/// value reads as an empty one: this release writes none.
 pub fn decode(body: &[u8]) -> Option<Vec<Record>> {
     let (now_system, now) = (SystemTime::now(), Instant::now());
     let mut records = Vec::new();
     parse(body, |fields| {
         let received = UNIX_EPOCH + Duration::from_micros(fields.received_micros);
         let age = now_system.duration_since(received).unwrap_or_default();
+        let (mut rest, count) = fields.headers;
+        // `parse` has checked every header already.
+        let headers = (0..count)
+            .filter_map(|_| {
+                let name = std::str::from_utf8(take_bytes(&mut rest)?).ok()?;
+                let value = take_optional(&mut rest)?.unwrap_or_default();
+                Some((name.to_owned(), value.to_vec()))
+            })
+            .collect();
         records.push(Record {
             seq: 0,
+            topic: (!fields.topic.is_empty()).then(|| fields.topic.to_owned()),
             key: fields.key.unwrap_or_default().to_owned(),
             value: fields.value.to_vec(),
+            headers,
             received_at: now.checked_sub(age).unwrap_or(now),
         });
     })?;
@@ -280,7 +301,12 @@ mod tests {
 
     #[test]
     fn frames_round_trip_with_their_sizes() {
-        let original = records(0, 5);
+        let mut original = records(0, 5);
+        original[2].topic = Some("dead-letters".to_owned());
+        original[2].headers = vec![
+            ("mqtt.dlq.reason".to_owned(), b"too_large".to_vec()),
+            ("empty".to_owned(), Vec::new()),
+        ];
         let mut out = Vec::new();
         encode(7, &original, &mut out);
         let (count, bytes) = crate::spool::sizes(&original);
@@ -290,8 +316,12 @@ mod tests {
         };
         assert_eq!((frame.id, frame.count, frame.end), (7, 5, out.len()));
         let decoded = decode(frame.body).expect("decodes");
+        assert_eq!(decoded.len(), original.len());
         for (a, b) in original.iter().zip(&decoded) {
-            assert_eq!((&a.key, &a.value), (&b.key, &b.value));
+            assert_eq!(
+                (&a.topic, &a.key, &a.value, &a.headers),
+                (&b.topic, &b.key, &b.value, &b.headers)
+            );
             let skew = a.received_at.max(b.received_at) - a.received_at.min(b.received_at);
             assert!(
                 skew < Duration::from_millis(50),

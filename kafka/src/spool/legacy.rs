@@ -149,8 +149,10 @@ fn decode(value: &[u8]) -> Option<Vec<Record>> {
         let value = take()?;
         records.push(Record {
             seq: 0,
+            topic: None,
             key,
             value,
+            headers: Vec::new(),
             received_at: loaded_at,
         });
     }

@@ -745,8 +745,10 @@ pub(crate) mod tests {
         (0..100)
             .map(|i| Record {
                 seq: n * 100 + i,
+                topic: None,
                 key: format!("topic/{n}"),
                 value: vec![n as u8; value_bytes],
+                headers: Vec::new(),
                 received_at: Instant::now(),
             })
             .collect()
@@ -757,8 +759,10 @@ pub(crate) mod tests {
         (from..from + count)
             .map(|n| Record {
                 seq: n,
+                topic: None,
                 key: format!("topic/{}", n % 3),
                 value: format!("payload {n:05}").into_bytes(),
+                headers: Vec::new(),
                 received_at: Instant::now(),
             })
             .collect()
