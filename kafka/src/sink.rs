@@ -159,16 +159,16 @@ impl<'a> Destinations<'a> {
 
 impl InFlight {
     /// Waits for every delivery report, then counts the outcome. Cancel-safe.
-    async fn settle(&mut self, metrics: &KafkaMetrics, topics: Destinations<'_>) {
+    async fn settle(&mut self, metrics: &KafkaMetrics, to: Destinations<'_>) {
         if !self.settled {
             self.reports.wait().await;
-            self.conclude(metrics, topics);
+            self.conclude(metrics, to);
         }
     }
 
     /// Counts what was delivered and what was given up on, makes the dead letters, and finds
     /// the first record that has to be tried again. Called once every report is in.
-    fn conclude(&mut self, metrics: &KafkaMetrics, topics: Destinations<'_>) {
+    fn conclude(&mut self, metrics: &KafkaMetrics, to: Destinations<'_>) {
         self.settled = true;
         let last_seq = self.last_seq();
         let mut end = self.records.len();
@@ -181,8 +181,8 @@ impl InFlight {
                 break;
             };
             let record = &self.records[index];
-            let topic = record.topic.as_deref().unwrap_or(topics.default);
-            match topics.dead_letters {
+            let topic = record.topic.as_deref().unwrap_or(to.default);
+            match to.dead_letters {
                 Some(dlq) if dead_letter::reason_of(record).is_none() => {
                     let mut letter = dead_letter::letter(record, topic, dlq, reason, &failure);
                     // Written after the unit's other records: once it is, the unit is done.
@@ -221,9 +221,9 @@ impl InFlight {
 
     /// The records not known to be in Kafka: all of them while reports are missing, otherwise
     /// the dead letters still to write and the records from the first failed one on.
-    fn undelivered(mut self, metrics: &KafkaMetrics, topics: Destinations<'_>) -> Vec<Record> {
+    fn undelivered(mut self, metrics: &KafkaMetrics, to: Destinations<'_>) -> Vec<Record> {
         if !self.settled && self.reports.all_in() {
-            self.conclude(metrics, topics);
+            self.conclude(metrics, to);
         }
         if !self.settled {
             return self.records;
@@ -333,13 +333,13 @@ impl KafkaSink {
                 DiskRetry,
             }
             let event = {
-                let topics = Destinations::of(&self.config);
+                let to = Destinations::of(&self.config);
                 let head = self.in_flight.front_mut();
                 let has_head = head.is_some();
                 let metrics = &self.metrics;
                 tokio::select! {
                     biased;
-                    () = async { if let Some(head) = head { head.settle(metrics, topics).await } },
+                    () = async { if let Some(head) = head { head.settle(metrics, to).await } },
                         if has_head => Event::Settled,
                     batch = input.recv(), if accepting => Event::Batch(batch),
                     () = sleep_until(retry_at.unwrap_or_else(Instant::now)),
@@ -713,10 +713,9 @@ impl KafkaSink {
     async fn shutdown(mut self) {
         let deadline = Instant::now() + self.config.shutdown_grace;
         let mut unconfirmed: Vec<Record> = Vec::new();
-        let topics = Destinations::of(&self.config);
+        let to = Destinations::of(&self.config);
         while let Some(head) = self.in_flight.front_mut() {
-            let settled =
-                tokio::time::timeout_at(deadline, head.settle(&self.metrics, topics)).await;
+            let settled = tokio::time::timeout_at(deadline, head.settle(&self.metrics, to)).await;
             if settled.is_err() {
                 break;
             }
@@ -727,7 +726,7 @@ impl KafkaSink {
                 (Origin::Direct, false) => self.acks.done_through(unit.last_seq()),
                 (Origin::Spool { last_id }, false) => self.spool.remove_through(*last_id).await,
                 (Origin::Direct, true) => {
-                    unconfirmed.extend(unit.undelivered(&self.metrics, topics));
+                    unconfirmed.extend(unit.undelivered(&self.metrics, to));
                     break;
                 }
                 (Origin::Spool { .. }, true) => break,
@@ -735,7 +734,7 @@ impl KafkaSink {
         }
         for unit in std::mem::take(&mut self.in_flight) {
             if matches!(unit.origin, Origin::Direct) {
-                unconfirmed.extend(unit.undelivered(&self.metrics, topics));
+                unconfirmed.extend(unit.undelivered(&self.metrics, to));
             }
         }
         if let Some(held) = self.held.take() {

@@ -48,6 +48,8 @@ pub(crate) struct PollError {
     pub message: String,
     /// The broker sent a PUBLISH the client cannot read; the source task may read past it.
     pub unreadable: Option<Unreadable>,
+    /// The broker closed or reset the connection (the source task says what it was doing).
+    pub closed: bool,
 }
 
 /// A PUBLISH rumqttc cannot read, which failed the connection.
@@ -289,6 +291,7 @@ fn poll_error_311(error: rumqttc::ConnectionError) -> PollError {
                 refused: false,
                 message: "the broker sent a message whose topic is not UTF-8".to_owned(),
                 unreadable: Some(Unreadable::TopicNotUtf8),
+                closed: false,
             }
         }
         other => failed(other.to_string()),
@@ -315,6 +318,7 @@ fn too_large(size: usize) -> PollError {
             "the broker sent a packet of {size} bytes, more than MQTT_MAX_PACKET_SIZE allows"
         ),
         unreadable: Some(Unreadable::TooLarge(size)),
+        closed: false,
     }
 }
 
@@ -336,8 +340,12 @@ fn refused(code: &str) -> PollError {
         refused: true,
         message: format!("broker refused the connection: {what}{hint}"),
         unreadable: None,
+        closed: false,
     }
 }
+
+/// How rumqttc's errors say that the broker closed or reset the connection.
+const CLOSED_BY_PEER: [&str; 3] = ["reset by peer", "closed by peer", "end of file"];
 
 /// Any other failure. TLS problems reach rumqttc by several paths (the handshake, or a fatal
 /// alert read after it, as TLS 1.3 reports a rejected client certificate), so they are
@@ -349,9 +357,11 @@ fn failed(message: String) -> PollError {
             refused: true,
             message: format!("TLS handshake failed: {problem}"),
             unreadable: None,
+            closed: false,
         },
         None => PollError {
             refused: false,
+            closed: CLOSED_BY_PEER.iter().any(|marker| message.contains(marker)),
             message,
             unreadable: None,
         },

@@ -247,17 +247,9 @@ impl MqttSource {
                     self.acknowledge(&connection);
                 }
                 Wake::Connection(Err(mut e)) => {
+                    self.explain_closed(&mut e);
                     self.connected = false;
-                    if std::mem::take(&mut self.subscribing) && e.unreadable.is_none() {
-                        // Some brokers close the connection instead of refusing a filter.
-                        e.refused = true;
-                        e.message = format!(
-                            "the broker closed the connection before answering SUBSCRIBE: is \
-                             the client allowed to subscribe to MQTT_TOPIC ({})? ({})",
-                            self.config.filters.join(", "),
-                            e.message
-                        );
-                    }
+                    self.subscribing = false;
                     let delay = backoff.next_delay();
                     self.on_connection_error(&broker, &e, delay);
                     if let Some(unreadable) = e.unreadable {
@@ -513,6 +505,33 @@ impl MqttSource {
             s.last_error =
                 (!subscribed).then(|| format!("subscription refused ({})", refused.join("; ")));
         });
+    }
+
+    /// A broker that closes the connection says why only by when it does it: before CONNACK
+    /// on a TLS connection, it most likely refused the client certificate (under TLS 1.3 the
+    /// handshake completes first and the alert that follows can be lost to the reset); before
+    /// SUBACK, it most likely refused a filter (some brokers close the connection instead of
+    /// answering with a failure code).
+    fn explain_closed(&self, error: &mut PollError) {
+        if !error.closed {
+            return;
+        }
+        let explanation = if !self.connected && self.config.tls.is_some() {
+            "TLS handshake failed or was cut short: the broker closed the connection before \
+             CONNACK; it may not accept MQTT_CLIENT_CERT (check the CA that issued it), or may \
+             require one"
+                .to_owned()
+        } else if self.subscribing {
+            format!(
+                "the broker closed the connection before answering SUBSCRIBE: is the client \
+                 allowed to subscribe to MQTT_TOPIC ({})?",
+                self.config.filters.join(", ")
+            )
+        } else {
+            return;
+        };
+        error.refused = true;
+        error.message = format!("{explanation} ({})", error.message);
     }
 
     fn on_connection_error(&self, broker: &str, error: &PollError, retry_in: Duration) {
@@ -813,6 +832,7 @@ pub(crate) mod tests {
                 refused: false,
                 message: message.to_owned(),
                 unreadable,
+                closed: message.contains("closed by peer") || message.contains("reset by peer"),
             };
             self.broker.send(Err(error)).expect("task polls");
         }
@@ -1109,5 +1129,29 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         let error = task.status.borrow().last_error.clone().expect("an error");
         assert_eq!(error, "connection closed by peer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tls_connection_closed_before_connack_points_at_the_client_certificate() {
+        let task = start_with(AckMode::AfterWrite, 10, |c| {
+            c.tls = Some(native_tls::TlsConnector::new().expect("TLS connector"));
+        })
+        .await;
+        let reset = "IO: Connection reset by peer (os error 104)";
+        let last_error = async || {
+            // Past the reconnect delay (paused time).
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            task.status.borrow().last_error.clone().expect("an error")
+        };
+        task.fail_with(reset, None);
+        assert_eq!(last_error().await, reset, "lost once connected: as it is");
+        task.fail_with(reset, None);
+        let error = last_error().await;
+        assert!(
+            error.starts_with("TLS handshake failed or was cut short")
+                && error.contains("MQTT_CLIENT_CERT")
+                && error.ends_with(&format!("({reset})")),
+            "{error}"
+        );
     }
 }
