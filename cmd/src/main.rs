@@ -2,10 +2,9 @@
 //! bridge until SIGINT or SIGTERM, and maps the outcome to an exit status
 //! (0 clean stop, 64 bad configuration, 1 anything else).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use mqtt_kafka_bridge::config::{self, VARIABLES};
+use mqtt_kafka_bridge::config;
 
 /// jemalloc, not glibc's malloc: an outage that fills the memory tier and then the disk tier
 /// peaked at 100 to 109 MB with glibc, which kept freed memory it could not hand back, and at
@@ -18,29 +17,17 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
-    let mut env_file: Option<PathBuf> = None;
-    let mut check_only = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                print!("{}", help());
-                return ExitCode::SUCCESS;
-            }
-            "-V" | "--version" => {
-                println!("mqtt-kafka-bridge {}", env!("CARGO_PKG_VERSION"));
-                return ExitCode::SUCCESS;
-            }
-            "--check-config" => check_only = true,
-            "--env-file" => match args.next() {
-                Some(path) => env_file = Some(PathBuf::from(path)),
-                None => return usage_error("--env-file needs a path"),
-            },
-            other => match other.strip_prefix("--env-file=") {
-                Some(path) => env_file = Some(PathBuf::from(path)),
-                None => return usage_error(&format!("unknown argument {other:?} (see --help)")),
-            },
-        }
+    let command = match config::parse_args(std::env::args().skip(1)) {
+        Ok(command) => command,
+        Err(e) => return usage_error(&e),
+    };
+    if command.help {
+        print!("{}", config::help());
+        return ExitCode::SUCCESS;
+    }
+    if command.version {
+        println!("mqtt-kafka-bridge {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
     }
 
     let host_name = gethostname::gethostname()
@@ -48,12 +35,14 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| "mqtt-kafka-bridge".to_owned());
     // Variables that are not UTF-8 cannot be ours; skip them rather than panic.
     let environment = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-    let config = match config::load(environment, env_file.as_deref(), &host_name) {
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        // Flags come last: they win over the environment.
+        .chain(command.values);
+    let config = match config::load(environment, command.env_file.as_deref(), &host_name) {
         Ok(config) => config,
         Err(e) => return usage_error(&e.to_string()),
     };
-    if check_only {
+    if command.check_config {
         println!("# Configuration is valid. Effective values (secrets shown as ***):");
         for (name, value) in &config.effective {
             println!("{name}={value}");
@@ -65,6 +54,12 @@ fn main() -> ExitCode {
     if let Err(e) = mkb_log::init(config.log) {
         eprintln!("mqtt-kafka-bridge: {e}");
         return ExitCode::from(EXIT_FAILURE);
+    }
+    if !command.ignored.is_empty() {
+        tracing::warn!(
+            flags = ?command.ignored,
+            "Metamorphosis flags without a meaning here were ignored."
+        );
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -115,25 +110,4 @@ async fn shutdown_signal() {
         }
     }
     tracing::info!("Signal received.");
-}
-
-fn help() -> String {
-    let mut text = String::from(
-        "mqtt-kafka-bridge: subscribes to MQTT topic filters and writes every message to Kafka.\n\n\
-         Usage: mqtt-kafka-bridge [--env-file PATH] [--check-config] [--help] [--version]\n\n\
-         --check-config validates the configuration, prints the effective values (secrets as\n\
-         ***) and exits: 0 when valid, 64 when not.\n\n\
-         Configuration comes from environment variables, then a .env file in the working\n\
-         directory (or --env-file PATH); the real environment wins.\n\n\
-         Variables (default in brackets):\n",
-    );
-    for variable in VARIABLES {
-        let default = variable.default.unwrap_or("no default");
-        text.push_str(&format!(
-            "  {:<26} {} [{}]\n",
-            variable.name, variable.meaning, default
-        ));
-    }
-    text.push_str("\nExit status: 0 clean stop, 64 bad configuration, 1 any other failure.\n");
-    text
 }

@@ -209,6 +209,10 @@ fn help_lists_every_variable_and_version_prints_the_version() {
             "--help lacks {}",
             variable.name
         );
+        if !variable.name.ends_with('*') {
+            let flag = format!("--{}", mqtt_kafka_bridge::config::flag_name(variable.name));
+            assert!(text.contains(&flag), "--help lacks {flag}");
+        }
     }
     let version = bridge(&[], &["--version"]);
     assert!(version.status.success());
@@ -331,4 +335,52 @@ fn certificate_problems_name_the_variable_to_fix() {
         assert!(message.contains(reason), "{message}");
         assert!(!message.contains("hunter2"), "a password leaked: {message}");
     }
+}
+
+/// Metamorphosis is configured by flags as well as by the environment; its command lines start
+/// this bridge unchanged, and a flag wins over the environment.
+#[test]
+fn a_metamorphosis_command_line_is_taken_and_flags_win_over_the_environment() {
+    let line = [
+        "-log-level",
+        "debug",
+        "-mqtt-broker",
+        "broker.local",
+        "-mqtt-port",
+        "1884",
+        "-mqtt-topic",
+        "test/#",
+        "-mqtt-tls=false",
+        "-kafka-broker",
+        "redpanda",
+        "-kakfa-port",
+        "19092",
+        "-kafka-topic",
+        "mqtt",
+        "--kafka-batch-size",
+        "500",
+        "--health-port=9000",
+        "-kafka-workers",
+        "2",
+        "--check-config",
+    ];
+    let output = bridge(&[("KAFKA_TOPIC", "from-env"), ("HEALTH_PORT", "1")], &line);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    for expected in [
+        "\nLOG_LEVEL=debug\n",
+        "\nMQTT_BROKER=broker.local\n",
+        "\nMQTT_PORT=1884\n",
+        "\nMQTT_TLS=false\n",
+        "\nKAFKA_PORT=19092\n",
+        "\nKAFKA_TOPIC=mqtt\n",
+        "\nKAFKA_BATCH_SIZE=500\n",
+        "\nHEALTH_PORT=9000\n",
+        "# Kafka brokers: redpanda:19092\n",
+    ] {
+        assert!(text.contains(expected), "lacks {expected:?}: {text}");
+    }
+    let unknown = bridge(&with_required(&[]), &["-mqtt-brokr", "x"]);
+    assert_eq!(unknown.status.code(), Some(64));
+    assert!(stderr(&unknown).contains("unknown argument \"-mqtt-brokr\""));
 }

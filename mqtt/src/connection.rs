@@ -12,14 +12,7 @@ use rumqttc::v5::mqttbytes::v5 as mqtt5;
 use rumqttc::{Transport, v5};
 
 use crate::skip::{self, Skipped};
-use crate::{AckMode, MqttConfig};
-
-/// MQTT protocol version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MqttVersion {
-    V311,
-    V5,
-}
+use crate::{AckMode, MqttConfig, MqttVersion};
 
 /// What the source task needs to know about one event of the connection.
 pub(crate) enum Incoming {

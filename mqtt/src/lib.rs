@@ -8,6 +8,7 @@
 //! what starts the drain of the rest of the pipeline.
 
 mod backoff;
+mod config;
 mod connection;
 mod metrics;
 mod skip;
@@ -15,7 +16,7 @@ mod source;
 mod tls;
 
 pub use backoff::Backoff;
-pub use connection::MqttVersion;
+pub use config::{AckMode, Credentials, MqttConfig, MqttVersion};
 pub use metrics::MqttMetrics;
-pub use source::{AckMode, Credentials, INTAKE_LIMIT_BYTES, MqttConfig, MqttSource, MqttStatus};
+pub use source::{INTAKE_LIMIT_BYTES, MqttSource, MqttStatus};
 pub use tls::{TlsConfig, TlsError, TlsFile};

@@ -21,7 +21,6 @@
 //! forever: the only way out of the loop is the shutdown signal.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
@@ -31,65 +30,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::connection::{Connection, Incoming, Link, MqttVersion, PollError, Unreadable};
+use crate::MqttVersion;
+use crate::connection::{Connection, Incoming, Link, PollError, Unreadable};
 #[cfg(test)]
 use crate::skip::Skipped;
-use crate::{Backoff, MqttMetrics};
-
-/// User name and password for the MQTT broker. `Debug` never shows the password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"***")
-            .finish()
-    }
-}
-
-/// Everything the MQTT task needs, already validated.
-#[derive(Clone, Debug)]
-pub struct MqttConfig {
-    pub host: String,
-    pub port: u16,
-    pub version: MqttVersion,
-    pub client_id: String,
-    /// Topic filters (wildcards and `$share/group/filter` allowed); never empty.
-    pub filters: Vec<String>,
-    pub qos: QoS,
-    pub keep_alive: Duration,
-    /// With `false` the broker keeps the session (and queues QoS 1/2 messages) while the bridge
-    /// is away; needs a stable client id.
-    pub clean_session: bool,
-    /// Largest MQTT packet accepted, in bytes.
-    pub max_packet_size: usize,
-    /// `KAFKA_DLQ_TOPIC`: where a message read past for its size is reported.
-    pub dead_letter_topic: Option<String>,
-    /// MQTT 5 Receive Maximum: unacknowledged QoS 1/2 messages the broker may send at once.
-    pub receive_maximum: u16,
-    pub credentials: Option<Credentials>,
-    /// TLS connector, built (and its files checked) before the task starts.
-    pub tls: Option<native_tls::TlsConnector>,
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    pub ack_mode: AckMode,
-    /// How long a shutdown waits for the acknowledgements of messages already passed on.
-    pub shutdown_grace: Duration,
-}
-
-/// When QoS 1/2 messages are acknowledged to the broker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AckMode {
-    /// Once Kafka or the fsynced disk spool holds the message: a crash loses nothing.
-    AfterWrite,
-    /// On arrival, as other bridges do: faster, but a crash loses what was in flight.
-    OnReceipt,
-}
+use crate::{AckMode, Backoff, MqttConfig, MqttMetrics};
 
 /// The MQTT connection's state, as readiness needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,0 +1,307 @@
+//! Each task's configuration, built in one pass from [`Vars`]: the values several of them
+//! depend on (the shutdown timeout, the dead-letter topic, whether acknowledgements wait for
+//! Kafka) are settled first and passed in, so nothing is filled with a placeholder and patched
+//! later.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mkb_bridge::{BatcherConfig, QoS};
+use mkb_kafka::{KafkaConfig, SpoolConfig};
+use mkb_log::LogConfig;
+use mkb_mqtt::{AckMode, Credentials, MqttConfig, TlsConfig, TlsError, TlsFile};
+
+use super::values::{
+    ack_mode, boolean, broker_list, byte_size, full_policy, host, ip_address, kafka_topic,
+    keep_alive, listen_port, log_format, log_level, mqtt_version, number, packet_size, port,
+    positive_duration, qos, replication, topic_filters,
+};
+use super::variables::{KAFKA_PROPERTY_PREFIX, Vars};
+use super::{Config, ConfigError};
+
+/// With deferred acknowledgements, a batch is also sent once no message came for this long.
+pub(super) const IDLE_FLUSH: Duration = Duration::from_millis(2);
+
+/// The whole configuration.
+pub(super) fn config(vars: &Vars, host_name: &str) -> Result<Config, ConfigError> {
+    let log = LogConfig {
+        level: vars.parse("LOG_LEVEL", log_level)?,
+        format: vars.parse("LOG_FORMAT", log_format)?,
+    };
+    let shutdown_timeout = vars.parse("SHUTDOWN_TIMEOUT", positive_duration)?;
+    // Both tasks make dead letters: the Kafka task of records Kafka refuses, the MQTT task of
+    // messages it has to read past.
+    let dead_letter_topic = vars.parse_opt("KAFKA_DLQ_TOPIC", kafka_topic)?;
+    let mqtt = mqtt(vars, host_name, shutdown_timeout, dead_letter_topic.clone())?;
+    // With deferred acks the broker stops at its in-flight window: flush when it goes quiet,
+    // and keep what is spooled on disk before acknowledging it.
+    let deferred_acks = mqtt.ack_mode == AckMode::AfterWrite && mqtt.qos != QoS::AtMostOnce;
+    let batcher = BatcherConfig {
+        max_records: vars.parse("KAFKA_BATCH_SIZE", |v, n| number(v, n, 1, 1_000_000))?,
+        interval: vars.parse("KAFKA_INTERVAL", positive_duration)?,
+        idle_flush: deferred_acks.then_some(IDLE_FLUSH),
+    };
+    let max_batch_size = vars.parse("KAFKA_MAX_BATCH_SIZE", |value, name| {
+        match number(value, name, 1, 1_000_000)? {
+            size if size >= batcher.max_records => Ok(size),
+            _ => Err(ConfigError::invalid(
+                name,
+                value,
+                format!("at least KAFKA_BATCH_SIZE ({})", batcher.max_records),
+            )),
+        }
+    })?;
+    let kafka = kafka(
+        vars,
+        dead_letter_topic,
+        max_batch_size,
+        shutdown_timeout,
+        deferred_acks,
+    )?;
+    Ok(Config {
+        log,
+        mqtt,
+        kafka,
+        batcher,
+        max_batch_size,
+        health_addr: SocketAddr::new(
+            vars.parse("HEALTH_ADDR", ip_address)?,
+            vars.parse("HEALTH_PORT", listen_port)?,
+        ),
+        shutdown_timeout,
+        worker_threads: vars.parse("WORKER_THREADS", |v, n| number(v, n, 1, 256))?,
+        effective: Vec::new(),
+    })
+}
+
+fn mqtt(
+    vars: &Vars,
+    host_name: &str,
+    shutdown_timeout: Duration,
+    dead_letter_topic: Option<String>,
+) -> Result<MqttConfig, ConfigError> {
+    let client_id = vars.parse("MQTT_CLIENT_ID", |value, name| {
+        match value.replace("%h", host_name) {
+            id if id.is_empty() => Err(ConfigError::invalid(
+                name,
+                value,
+                "a non-empty client id (%h is the host name)",
+            )),
+            id => Ok(id),
+        }
+    })?;
+    let tls = tls(vars)?;
+    Ok(MqttConfig {
+        host: vars.parse("MQTT_BROKER", host)?,
+        port: match vars.parse_opt("MQTT_PORT", port)? {
+            Some(port) => port,
+            None if tls.is_some() => 8883,
+            None => 1883,
+        },
+        version: vars.parse("MQTT_VERSION", mqtt_version)?,
+        credentials: credentials(vars)?,
+        tls,
+        dead_letter_topic,
+        receive_maximum: vars.parse("MQTT_RECEIVE_MAXIMUM", |v, n| number(v, n, 1, 65535))?,
+        filters: topic_filters(vars.required("MQTT_TOPIC")?, "MQTT_TOPIC")?,
+        qos: vars.parse("MQTT_QOS", qos)?,
+        clean_session: vars.parse("MQTT_CLEAN_SESSION", boolean)?,
+        keep_alive: vars.parse("MQTT_KEEP_ALIVE", keep_alive)?,
+        max_packet_size: vars.parse("MQTT_MAX_PACKET_SIZE", packet_size)?,
+        reconnect_min: Duration::from_millis(250),
+        reconnect_max: Duration::from_secs(30),
+        ack_mode: vars.parse("MQTT_ACK", ack_mode)?,
+        shutdown_grace: shutdown_timeout.mul_f64(0.75),
+        client_id,
+    })
+}
+
+/// TLS is on with `MQTT_TLS=true`, or when a CA or client certificate is given and `MQTT_TLS`
+/// is unset. The files are read now, so a bad one stops the start.
+fn tls(vars: &Vars) -> Result<Option<native_tls::TlsConnector>, ConfigError> {
+    let path = |name| vars.opt(name).map(PathBuf::from);
+    let settings = TlsConfig {
+        ca_file: path("ROOT_CA"),
+        client_cert_file: path("MQTT_CLIENT_CERT"),
+        client_key_file: path("MQTT_CLIENT_KEY"),
+        client_key_password: vars.raw("MQTT_CLIENT_KEY_PASSWORD").map(str::to_owned),
+    };
+    let enabled = match vars.parse_opt("MQTT_TLS", boolean)? {
+        Some(enabled) => enabled,
+        None => settings.ca_file.is_some() || settings.client_cert_file.is_some(),
+    };
+    if !enabled {
+        let needs_tls = [
+            ("ROOT_CA", &settings.ca_file),
+            ("MQTT_CLIENT_CERT", &settings.client_cert_file),
+        ];
+        if let Some((var, _)) = needs_tls.iter().find(|(_, file)| file.is_some()) {
+            return Err(ConfigError::invalid(
+                "MQTT_TLS",
+                vars.opt("MQTT_TLS").unwrap_or_default(),
+                format!("true (or unset) when {var} is set"),
+            ));
+        }
+        return Ok(None);
+    }
+    settings.connector().map(Some).map_err(|e| match e {
+        TlsError::File {
+            file: TlsFile::ClientKeyPassword,
+            path,
+            reason,
+        } => ConfigError::Invalid {
+            var: "MQTT_CLIENT_KEY_PASSWORD",
+            value: "***".to_owned(),
+            expected: format!("the password of {} ({reason})", path.display()),
+        },
+        TlsError::File { file, path, reason } => ConfigError::Invalid {
+            var: match file {
+                TlsFile::Ca => "ROOT_CA",
+                TlsFile::ClientCert => "MQTT_CLIENT_CERT",
+                TlsFile::ClientKey | TlsFile::ClientKeyPassword => "MQTT_CLIENT_KEY",
+            },
+            value: path.display().to_string(),
+            expected: format!("a usable PEM file ({reason})"),
+        },
+        TlsError::Library(reason) => ConfigError::Invalid {
+            var: "MQTT_TLS",
+            value: "true".to_owned(),
+            expected: format!("a working TLS library ({reason})"),
+        },
+    })
+}
+
+fn credentials(vars: &Vars) -> Result<Option<Credentials>, ConfigError> {
+    match (vars.opt("MQTT_USERNAME"), vars.raw("MQTT_PASSWORD")) {
+        (Some(username), password) => Ok(Some(Credentials {
+            username: username.to_owned(),
+            password: password.unwrap_or_default().to_owned(),
+        })),
+        (None, Some(_)) => Err(ConfigError::Missing {
+            var: "MQTT_USERNAME",
+            expected: "a user name, since MQTT_PASSWORD is set",
+        }),
+        (None, None) => Ok(None),
+    }
+}
+
+fn kafka(
+    vars: &Vars,
+    dead_letter_topic: Option<String>,
+    max_batch_size: usize,
+    shutdown_timeout: Duration,
+    deferred_acks: bool,
+) -> Result<KafkaConfig, ConfigError> {
+    let brokers = match vars.parse_opt("KAFKA_BROKERS", broker_list)? {
+        Some(list) => list,
+        None => format!(
+            "{}:{}",
+            vars.parse("KAFKA_BROKER", host)?,
+            vars.parse("KAFKA_PORT", port)?
+        ),
+    };
+    let topic = kafka_topic(vars.required("KAFKA_TOPIC")?, "KAFKA_TOPIC")?;
+    if let Some(dlq) = dead_letter_topic.as_deref().filter(|dlq| *dlq == topic) {
+        return Err(ConfigError::invalid(
+            "KAFKA_DLQ_TOPIC",
+            dlq,
+            "a topic other than KAFKA_TOPIC",
+        ));
+    }
+    let kafka = KafkaConfig {
+        brokers,
+        topic,
+        dead_letter_topic,
+        auto_create_topics: vars.parse("KAFKA_AUTO_CREATE_TOPICS", boolean)?,
+        topic_partitions: vars.parse("KAFKA_TOPIC_PARTITIONS", |v, n| number(v, n, 1, 100_000))?,
+        topic_replication: vars.parse("KAFKA_TOPIC_REPLICATION", replication)?,
+        test_topic: vars.parse_opt("KAFKA_TEST_TOPIC", kafka_topic)?,
+        startup_timeout: vars.parse("KAFKA_STARTUP_TIMEOUT", positive_duration)?,
+        retry_interval: vars.parse("KAFKA_RETRY_INTERVAL", positive_duration)?,
+        delivery_timeout: vars.parse("KAFKA_DELIVERY_TIMEOUT", positive_duration)?,
+        properties: kafka_properties(vars.all())?,
+        max_batch_size,
+        shutdown_grace: shutdown_timeout / 2,
+        spool: spool(vars, deferred_acks)?,
+    };
+    if let Err(invalid) = kafka.validate() {
+        let Some((key, value)) = kafka.properties.iter().find(|(key, _)| *key == invalid.key)
+        else {
+            return Err(ConfigError::Properties(invalid.reason));
+        };
+        let shown = if mkb_kafka::is_secret_property(key) {
+            "***"
+        } else {
+            value
+        };
+        return Err(ConfigError::Property {
+            var: property_variable(key),
+            value: shown.to_owned(),
+            key: key.clone(),
+            reason: invalid.reason,
+        });
+    }
+    Ok(kafka)
+}
+
+/// `persist_all`: records are acknowledged only once the disk holds them.
+fn spool(vars: &Vars, persist_all: bool) -> Result<SpoolConfig, ConfigError> {
+    let dir = vars.parse("SPOOL_DIR", |value, name| {
+        let dir = PathBuf::from(value);
+        if dir.exists() && !dir.is_dir() {
+            return Err(ConfigError::invalid(
+                name,
+                value,
+                "a directory (this is a file)",
+            ));
+        }
+        Ok(dir)
+    })?;
+    let disk_bytes = vars.parse("SPOOL_DISK_BYTES", byte_size)?;
+    Ok(SpoolConfig {
+        dir: (disk_bytes > 0).then_some(dir),
+        memory_bytes: vars.parse("SPOOL_MEMORY_BYTES", byte_size)?,
+        disk_bytes,
+        full_policy: vars.parse("SPOOL_FULL_POLICY", full_policy)?,
+        persist_all,
+    })
+}
+
+/// `KAFKA_PROPERTY_SASL_MECHANISM=PLAIN` → (`sasl.mechanism`, `PLAIN`); `__` stands for `_`.
+fn kafka_properties(
+    merged: &HashMap<String, String>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut properties: Vec<(String, String)> = merged
+        .iter()
+        .filter_map(|(name, value)| {
+            let suffix = name.strip_prefix(KAFKA_PROPERTY_PREFIX)?;
+            let key = suffix
+                .to_ascii_lowercase()
+                .split("__")
+                .map(|part| part.replace('_', "."))
+                .collect::<Vec<_>>()
+                .join("_");
+            Some((key, value.clone()))
+        })
+        .collect();
+    properties.sort();
+    if let Some((key, _)) = properties.iter().find(|(key, _)| key.is_empty()) {
+        return Err(ConfigError::invalid(
+            "KAFKA_PROPERTY_*",
+            key,
+            "a librdkafka property name after the prefix",
+        ));
+    }
+    Ok(properties)
+}
+
+/// The variable that sets librdkafka property `key`.
+fn property_variable(key: &str) -> String {
+    let name = key
+        .replace('_', "__")
+        .replace('.', "_")
+        .to_ascii_uppercase();
+    format!("{KAFKA_PROPERTY_PREFIX}{name}")
+}
