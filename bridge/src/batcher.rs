@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error};
 
-use crate::{Batch, Message, Record};
+use std::sync::Arc;
+
+use crate::{Batch, Message, Router};
 
 /// Batching rule, from `KAFKA_BATCH_SIZE` and `KAFKA_INTERVAL`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,12 +34,14 @@ pub struct BatcherConfig {
 /// The batcher task; see the module documentation.
 pub struct Batcher {
     config: BatcherConfig,
+    /// Makes each message's record (topic, key, headers, value).
+    router: Arc<Router>,
 }
 
 impl Batcher {
-    pub fn new(config: BatcherConfig) -> Self {
+    pub fn new(config: BatcherConfig, router: Arc<Router>) -> Self {
         assert!(config.max_records > 0, "a batch holds at least one record");
-        Self { config }
+        Self { config, router }
     }
 
     /// Runs until `input` closes, then sends the open batch and returns.
@@ -67,9 +71,10 @@ impl Batcher {
                 } else if batch.is_empty() {
                     timer.as_mut().reset(deadline);
                 }
+                let router = &self.router;
                 batch
                     .records
-                    .extend(incoming.drain(..).map(Record::from_message));
+                    .extend(incoming.drain(..).map(|message| router.record(message)));
             }
             let due =
                 batch.len() >= max || (!batch.is_empty() && Instant::now() >= timer.deadline());
@@ -96,14 +101,13 @@ mod tests {
     use crate::QoS;
 
     fn message(n: usize) -> Message {
-        Message {
-            seq: n as u64 + 1,
-            topic: format!("t/{n}"),
-            payload: Bytes::from(n.to_string()),
-            qos: QoS::AtLeastOnce,
-            received_at: Instant::now(),
-            dead_letter: None,
-        }
+        Message::new(
+            n as u64 + 1,
+            format!("t/{n}"),
+            Bytes::from(n.to_string()),
+            QoS::AtLeastOnce,
+            Instant::now(),
+        )
     }
 
     fn start(
@@ -112,17 +116,24 @@ mod tests {
     ) -> (mpsc::Sender<Message>, mpsc::Receiver<Batch>) {
         let (in_tx, in_rx) = mpsc::channel(64);
         let (out_tx, out_rx) = mpsc::channel(4);
-        let batcher = Batcher::new(BatcherConfig {
-            max_records,
-            interval,
-            idle_flush: None,
-        });
+        let batcher = Batcher::new(
+            BatcherConfig {
+                max_records,
+                interval,
+                idle_flush: None,
+            },
+            Arc::default(),
+        );
         tokio::spawn(batcher.run(in_rx, out_tx));
         (in_tx, out_rx)
     }
 
     fn keys(batch: &Batch) -> Vec<&str> {
-        batch.records.iter().map(|r| r.key.as_str()).collect()
+        batch
+            .records
+            .iter()
+            .map(|r| r.mqtt_topic.as_str())
+            .collect()
     }
 
     #[tokio::test(start_paused = true)]
@@ -182,11 +193,14 @@ mod tests {
     async fn idle_flush_sends_as_soon_as_messages_stop_coming() {
         let (in_tx, in_rx) = mpsc::channel(64);
         let (out_tx, mut rx) = mpsc::channel(4);
-        let batcher = Batcher::new(BatcherConfig {
-            max_records: 1000,
-            interval: Duration::from_secs(5),
-            idle_flush: Some(Duration::from_millis(2)),
-        });
+        let batcher = Batcher::new(
+            BatcherConfig {
+                max_records: 1000,
+                interval: Duration::from_secs(5),
+                idle_flush: Some(Duration::from_millis(2)),
+            },
+            Arc::default(),
+        );
         tokio::spawn(batcher.run(in_rx, out_tx));
         let started = Instant::now();
         for n in 0..3 {

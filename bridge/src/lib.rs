@@ -11,7 +11,9 @@ pub mod batcher;
 pub mod dead_letter;
 pub mod envelope;
 mod message;
+pub mod route;
 
 pub use acks::{AckHandle, AckWatermark, ack_channel};
 pub use batcher::{Batcher, BatcherConfig};
-pub use message::{Batch, Message, QoS, Record};
+pub use message::{Batch, Key, Message, Properties, QoS, Record, Topic};
+pub use route::Router;

@@ -31,6 +31,18 @@ impl QoS {
     }
 }
 
+/// The MQTT 5 properties of a publish that routing can use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Properties {
+    /// User properties, in order, duplicates kept.
+    pub user: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    /// Message Expiry Interval, seconds.
+    pub message_expiry: Option<u32>,
+}
+
 /// One message as received from the MQTT broker.
 #[derive(Debug)]
 pub struct Message {
@@ -41,68 +53,158 @@ pub struct Message {
     pub qos: QoS,
     /// When the bridge took it off the MQTT connection; the start of the end-to-end latency.
     pub received_at: Instant,
+    pub retain: bool,
+    /// Sent again by the broker (it may have been received before).
+    pub dup: bool,
+    /// MQTT 5 publish properties; `None` under MQTT 3.1.1 or when the message has none.
+    pub properties: Option<Box<Properties>>,
     /// Set when the bridge gave up on the message: it becomes a dead letter, its payload (empty
     /// when the bridge could not hold it) the value, instead of an envelope.
     pub dead_letter: Option<Box<DeadLetter>>,
 }
 
-/// One Kafka record: the MQTT topic as key (so one MQTT topic always lands in one partition and
-/// keeps its order) and the encoded envelope as value.
+impl Message {
+    /// A message as MQTT 3.1.1 delivers one: not retained, not sent again, no properties.
+    pub fn new(seq: u64, topic: String, payload: Bytes, qos: QoS, received_at: Instant) -> Self {
+        Self {
+            seq,
+            topic,
+            payload,
+            qos,
+            received_at,
+            retain: false,
+            dup: false,
+            properties: None,
+            dead_letter: None,
+        }
+    }
+}
+
+/// Where a record goes in Kafka.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topic {
+    /// The bridge's `KAFKA_TOPIC`.
+    Default,
+    /// A topic of its own: mapped by a routing rule, or the dead-letter topic.
+    Named(String),
+    /// Nowhere: no routing rule matched and there is no `KAFKA_TOPIC` to fall back to. The
+    /// Kafka task counts it and writes nothing; the message is done.
+    Unmapped,
+}
+
+/// The Kafka key of a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Key {
+    /// The MQTT topic (the default: one MQTT topic, one partition, its order kept).
+    MqttTopic,
+    /// A null key.
+    Null,
+    /// Rendered from `KAFKA_KEY`.
+    Text(String),
+}
+
+/// One Kafka record, with the MQTT topic it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     /// The receipt number of the message it came from (0 for records read back from disk).
     pub seq: u64,
-    /// The Kafka topic; `None` for the bridge's `KAFKA_TOPIC`.
-    pub topic: Option<String>,
-    pub key: String,
+    pub topic: Topic,
+    /// The MQTT topic of the message.
+    pub mqtt_topic: String,
+    pub key: Key,
     pub value: Vec<u8>,
-    /// Kafka headers, name and value (none on an uplink record today; a dead letter says why).
+    /// Kafka headers, name and value, in order (duplicates allowed).
     pub headers: Vec<(String, Vec<u8>)>,
     pub received_at: Instant,
 }
 
 impl Record {
-    /// Builds the record for a message, encoding its envelope.
+    /// A record as the bridge writes one by default: to `KAFKA_TOPIC`, keyed by its MQTT topic,
+    /// no headers.
+    pub fn new(seq: u64, mqtt_topic: String, value: Vec<u8>, received_at: Instant) -> Self {
+        Self {
+            seq,
+            topic: Topic::Default,
+            mqtt_topic,
+            key: Key::MqttTopic,
+            value,
+            headers: Vec::new(),
+            received_at,
+        }
+    }
+
+    /// Builds the default record for a message: the Metamorphosis envelope as value.
     pub fn from_message(message: Message) -> Self {
         if let Some(letter) = message.dead_letter {
-            return Self {
-                seq: message.seq,
-                headers: crate::dead_letter::headers(
-                    letter.reason,
-                    &message.topic,
-                    None,
-                    letter.original_size,
-                    &letter.error,
-                ),
-                topic: Some(letter.topic),
-                key: message.topic,
-                value: message.payload.to_vec(),
-                received_at: message.received_at,
-            };
+            return Self::dead_letter(
+                message.seq,
+                message.topic,
+                &message.payload,
+                &letter,
+                message.received_at,
+            );
         }
         // `encode` reserves the exact length itself.
         let mut value = Vec::new();
         crate::envelope::encode(&message.topic, &message.payload, &mut value);
+        Self::new(message.seq, message.topic, value, message.received_at)
+    }
+
+    /// The dead letter of a message the MQTT task gave up on.
+    pub fn dead_letter(
+        seq: u64,
+        mqtt_topic: String,
+        payload: &[u8],
+        letter: &DeadLetter,
+        received_at: Instant,
+    ) -> Self {
         Self {
-            seq: message.seq,
-            topic: None,
-            key: message.topic,
-            value,
-            headers: Vec::new(),
-            received_at: message.received_at,
+            seq,
+            topic: Topic::Named(letter.topic.clone()),
+            headers: crate::dead_letter::headers(
+                letter.reason,
+                &mqtt_topic,
+                None,
+                letter.original_size,
+                &letter.error,
+            ),
+            mqtt_topic,
+            key: Key::MqttTopic,
+            value: payload.to_vec(),
+            received_at,
         }
     }
 
-    /// Bytes this record holds, for memory accounting: key, value, and the topic and headers
-    /// when it has them (each header with the 8 bytes its two lengths take on disk).
+    /// The key's bytes; `None` for a null key.
+    pub fn key_bytes(&self) -> Option<&[u8]> {
+        match &self.key {
+            Key::MqttTopic => Some(self.mqtt_topic.as_bytes()),
+            Key::Null => None,
+            Key::Text(text) => Some(text.as_bytes()),
+        }
+    }
+
+    /// Bytes this record holds, for memory accounting: MQTT topic, key, value, and the topic
+    /// and headers when it has them (each header with the 8 bytes its two lengths take on
+    /// disk).
     pub fn size(&self) -> usize {
-        let extra = self.topic.as_ref().map_or(0, String::len)
-            + self
-                .headers
-                .iter()
-                .map(|(name, value)| name.len() + value.len() + 8)
-                .sum::<usize>();
-        self.key.len() + self.value.len() + extra
+        let topic = match &self.topic {
+            Topic::Named(name) => name.len(),
+            Topic::Default | Topic::Unmapped => 0,
+        };
+        // A key other than the MQTT topic takes its own bytes, and the MQTT topic goes in a
+        // header of its own on disk.
+        let key = match &self.key {
+            Key::Text(text) => text.len() + 8,
+            Key::Null => 8,
+            Key::MqttTopic => 0,
+        };
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + 8)
+            .sum();
+        self.mqtt_topic.len() + key + self.value.len() + topic + headers
     }
 }
 

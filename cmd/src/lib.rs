@@ -23,9 +23,47 @@ use mkb_observability::{HealthServer, Readiness, ReadinessHandle};
 use prometheus::Registry;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use config::{Config, ConfigError};
+
+/// What a message on `topic` with `payload` becomes with `config`, as `--route` prints it.
+pub fn explain_route(config: &Config, topic: &str, payload: Vec<u8>) -> String {
+    let message = mkb_bridge::Message::new(
+        0,
+        topic.to_owned(),
+        payload.into(),
+        config.mqtt.qos,
+        tokio::time::Instant::now(),
+    );
+    let explained = config.router.explain(message);
+    let record = &explained.record;
+    let kafka_topic = match &record.topic {
+        mkb_bridge::Topic::Named(name) => name.clone(),
+        mkb_bridge::Topic::Default => format!(
+            "{} (KAFKA_TOPIC)",
+            config.kafka.topic.as_deref().unwrap_or_default()
+        ),
+        mkb_bridge::Topic::Unmapped => {
+            "none: no rule matches and KAFKA_TOPIC is unset (counted as unmapped)".to_owned()
+        }
+    };
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let mut out = format!(
+        "MQTT topic:  {topic}\nrule:        {}\nKafka topic: {kafka_topic}\nkey:         {}\n",
+        explained.rule.as_deref().unwrap_or("none"),
+        record.key_bytes().map_or("(null)".to_owned(), text),
+    );
+    if record.headers.is_empty() {
+        out.push_str("headers:     none\n");
+    }
+    for (i, (name, value)) in record.headers.iter().enumerate() {
+        let label = if i == 0 { "headers:" } else { "" };
+        out.push_str(&format!("{label:<12} {name}={}\n", text(value)));
+    }
+    out.push_str(&format!("value:       {}\n", text(&record.value)));
+    out
+}
 
 /// Messages waiting between the MQTT task and the batcher.
 const MESSAGE_QUEUE: usize = 4096;
@@ -72,6 +110,14 @@ impl Bridge {
         let mqtt_metrics = MqttMetrics::new(&registry)?;
         let kafka_metrics = KafkaMetrics::new(&registry)?;
 
+        for (a, b) in config.router.colliding_rules() {
+            warn!(
+                first = a,
+                second = b,
+                "Two rules of the topic map can make Kafka topics that differ only in '.' and \
+                 '_', which Kafka cannot tell apart in its metrics."
+            );
+        }
         let (http_server, readiness) = HealthServer::bind(config.health_addr, registry).await?;
         let health_addr = http_server.local_addr();
         let (stop_http, http_stopped) = oneshot::channel::<()>();
@@ -90,7 +136,8 @@ impl Bridge {
 
         let (message_tx, message_rx) = mpsc::channel(MESSAGE_QUEUE);
         let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
-        let batcher = tokio::spawn(Batcher::new(config.batcher.clone()).run(message_rx, batch_tx));
+        let batcher = Batcher::new(config.batcher.clone(), config.router.clone());
+        let batcher = tokio::spawn(batcher.run(message_rx, batch_tx));
         let (stop_mqtt, mqtt_stopped) = oneshot::channel::<()>();
         let source = MqttSource::new(config.mqtt.clone(), mqtt_metrics);
         tokio::spawn(track_readiness(
@@ -106,7 +153,7 @@ impl Bridge {
             mqtt = %format_args!("{}:{}", config.mqtt.host, config.mqtt.port),
             filters = ?config.mqtt.filters,
             kafka = %config.kafka.brokers,
-            topic = %config.kafka.topic,
+            topic = config.kafka.topic.as_deref().unwrap_or("(mapped only)"),
             "Bridge started."
         );
         Ok(Self {

@@ -42,6 +42,22 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return usage_error(&e.to_string()),
     };
+    if let Some(topic) = &command.route {
+        let payload = match &command.payload {
+            Some(path) => match std::fs::read(path) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    return usage_error(&format!("cannot read --payload {}: {e}", path.display()));
+                }
+            },
+            None => Vec::new(),
+        };
+        print!(
+            "{}",
+            mqtt_kafka_bridge::explain_route(&config, topic, payload)
+        );
+        return ExitCode::SUCCESS;
+    }
     if command.check_config {
         println!("# Configuration is valid. Effective values (secrets shown as ***):");
         for (name, value) in &config.effective {

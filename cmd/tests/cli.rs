@@ -94,6 +94,35 @@ fn every_bad_value_exits_64_with_one_line_naming_the_variable() {
             with_required(&[("KAFKA_DLQ_TOPIC", "dead/letters")]),
             "KAFKA_DLQ_TOPIC",
         ),
+        (
+            with_required(&[("KAFKA_TOPIC_MAP", "cars/#")]),
+            "invalid KAFKA_TOPIC_MAP=\"cars/#\": expected rules SOURCE=TARGET",
+        ),
+        (
+            with_required(&[("KAFKA_TOPIC_MAP", "re:cars/(=x")]),
+            "KAFKA_TOPIC_MAP",
+        ),
+        (
+            with_required(&[("KAFKA_TOPIC_MAP", "a/{x}=t.{y}")]),
+            "the source does not name",
+        ),
+        (
+            with_required(&[("KAFKA_TOPIC_MAP_FILE", &missing)]),
+            "KAFKA_TOPIC_MAP_FILE",
+        ),
+        (with_required(&[("KAFKA_KEY", "{vin}")]), "KAFKA_KEY"),
+        (
+            with_required(&[("KAFKA_HEADERS", "color")]),
+            "KAFKA_HEADERS",
+        ),
+        (
+            with_required(&[("KAFKA_VALUE_FORMAT", "xml")]),
+            "KAFKA_VALUE_FORMAT",
+        ),
+        (
+            with_required(&[("KAFKA_TOPIC_SEPARATOR", "/")]),
+            "KAFKA_TOPIC_SEPARATOR",
+        ),
     ];
     for (env, variable) in &cases {
         let output = bridge(env, &[]);
@@ -383,4 +412,46 @@ fn a_metamorphosis_command_line_is_taken_and_flags_win_over_the_environment() {
     let unknown = bridge(&with_required(&[]), &["-mqtt-brokr", "x"]);
     assert_eq!(unknown.status.code(), Some(64));
     assert!(stderr(&unknown).contains("unknown argument \"-mqtt-brokr\""));
+}
+
+/// `--route` explains with the real configuration what a topic becomes, and connects to nothing
+/// (the brokers named here do not exist).
+#[test]
+fn route_explains_what_a_topic_becomes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let payload = dir.path().join("payload.json");
+    std::fs::write(&payload, br#"{"device":"press-3"}"#).expect("write");
+    let payload = payload.display().to_string();
+    let env = [
+        ("MQTT_BROKER", "mqtt.invalid"),
+        ("KAFKA_BROKER", "kafka.invalid"),
+        ("MQTT_TOPIC", "cars/#"),
+        ("KAFKA_TOPIC_MAP", "cars/{vin}/#=cs.uplink"),
+        ("KAFKA_KEY", "{vin}"),
+        ("KAFKA_HEADERS", "topic,qos"),
+        ("KAFKA_VALUE_FORMAT", "raw"),
+    ];
+    let output = bridge(
+        &env,
+        &["--route", "cars/VIN123/telemetry", "--payload", &payload],
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        text,
+        "MQTT topic:  cars/VIN123/telemetry\n\
+         rule:        cars/{vin}/#=cs.uplink\n\
+         Kafka topic: cs.uplink\n\
+         key:         VIN123\n\
+         headers:     mqtt.topic=cars/VIN123/telemetry\n\
+         \x20            mqtt.qos=1\n\
+         value:       {\"device\":\"press-3\"}\n"
+    );
+    let unmatched = bridge(&env, &["--route", "trucks/1"]);
+    let text = String::from_utf8_lossy(&unmatched.stdout);
+    assert!(text.contains("rule:        none\n"), "{text}");
+    assert!(
+        text.contains("Kafka topic: none: no rule matches"),
+        "{text}"
+    );
 }

@@ -11,7 +11,9 @@ use crate::spool::SpoolConfig;
 pub struct KafkaConfig {
     /// `host:port` list, comma-separated, as librdkafka's `bootstrap.servers`.
     pub brokers: String,
-    pub topic: String,
+    /// `KAFKA_TOPIC`: where records without a topic of their own go; with a topic map it may
+    /// be unset (then no record goes there).
+    pub topic: Option<String>,
     /// Where records given up on for good go (`KAFKA_DLQ_TOPIC`); `None` drops and counts them.
     pub dead_letter_topic: Option<String>,
     /// Create missing topics through the Admin API (some brokers do not auto-create on produce).
@@ -122,7 +124,7 @@ mod tests {
     fn config(properties: &[(&str, &str)]) -> KafkaConfig {
         KafkaConfig {
             brokers: "localhost:9092".to_owned(),
-            topic: "t".to_owned(),
+            topic: Some("t".to_owned()),
             dead_letter_topic: None,
             auto_create_topics: true,
             topic_partitions: 1,

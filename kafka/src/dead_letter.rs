@@ -5,7 +5,7 @@
 //! addressed to the dead-letter topic, so it is written, retried and spooled like any other;
 //! one that cannot be written either is counted as dropped.
 
-use mkb_bridge::{Record, dead_letter};
+use mkb_bridge::{Record, Topic, dead_letter};
 
 use crate::delivery::{Failure, GiveUp};
 
@@ -23,12 +23,13 @@ pub(crate) fn letter(
     };
     Record {
         seq: record.seq,
-        topic: Some(dlq.to_owned()),
+        topic: Topic::Named(dlq.to_owned()),
+        mqtt_topic: record.mqtt_topic.clone(),
         key: record.key.clone(),
         value,
         headers: dead_letter::headers(
             reason.label(),
-            &record.key,
+            &record.mqtt_topic,
             Some(topic),
             record.value.len(),
             &failure.text,

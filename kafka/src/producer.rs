@@ -27,8 +27,8 @@ pub(crate) enum Refused {
 
 /// A Kafka producer as the Kafka task uses it.
 pub(crate) trait Produce: Send + Sync {
-    /// Hands one record over to `topic` (the record's own, or the bridge's `KAFKA_TOPIC`); an
-    /// empty key goes as a null one. Its ticket is settled by the record's delivery report.
+    /// Hands one record over to `topic` (the record's own, or the bridge's `KAFKA_TOPIC`). Its
+    /// ticket is settled by the record's delivery report.
     fn send(&self, topic: &str, record: &Record, ticket: Box<Ticket>) -> Result<(), Refused>;
 
     /// The client's fatal error, once it hit one: it will not write again.
@@ -54,9 +54,7 @@ struct Rdkafka(ThreadedProducer<BridgeContext>);
 impl Produce for Rdkafka {
     fn send(&self, topic: &str, record: &Record, ticket: Box<Ticket>) -> Result<(), Refused> {
         let mut base = BaseRecord::with_opaque_to(topic, ticket).payload(&record.value);
-        if !record.key.is_empty() {
-            base = base.key(record.key.as_bytes());
-        }
+        base.key = record.key_bytes();
         if !record.headers.is_empty() {
             let headers = record.headers.iter().fold(
                 OwnedHeaders::new_with_capacity(record.headers.len()),

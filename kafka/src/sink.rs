@@ -40,7 +40,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mkb_bridge::{AckHandle, Batch, Record};
+use mkb_bridge::{AckHandle, Batch, Record, Topic};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
@@ -144,15 +144,24 @@ struct InFlight {
 /// where dead letters go.
 #[derive(Clone, Copy)]
 struct Destinations<'a> {
-    default: &'a str,
+    default: Option<&'a str>,
     dead_letters: Option<&'a str>,
 }
 
 impl<'a> Destinations<'a> {
     fn of(config: &'a KafkaConfig) -> Self {
         Self {
-            default: &config.topic,
+            default: config.topic.as_deref(),
             dead_letters: config.dead_letter_topic.as_deref(),
+        }
+    }
+
+    /// The Kafka topic of `record`; `None` when it is unmapped (written nowhere).
+    fn topic(self, record: &'a Record) -> Option<&'a str> {
+        match &record.topic {
+            Topic::Default => self.default,
+            Topic::Named(name) => Some(name),
+            Topic::Unmapped => None,
         }
     }
 }
@@ -181,7 +190,7 @@ impl InFlight {
                 break;
             };
             let record = &self.records[index];
-            let topic = record.topic.as_deref().unwrap_or(to.default);
+            let topic = to.topic(record).unwrap_or_default();
             match to.dead_letters {
                 Some(dlq) if dead_letter::reason_of(record).is_none() => {
                     let mut letter = dead_letter::letter(record, topic, dlq, reason, &failure);
@@ -200,6 +209,10 @@ impl InFlight {
         let mut sent = 0;
         for (index, record) in self.records[..end].iter().enumerate() {
             if given_up.binary_search(&index).is_ok() {
+                continue;
+            }
+            if record.topic == Topic::Unmapped {
+                metrics.dropped("unmapped", 1);
                 continue;
             }
             match dead_letter::reason_of(record) {
@@ -245,8 +258,7 @@ pub struct KafkaSink {
     producer: Box<dyn Produce>,
     /// Builds a fresh producer after a failed write.
     connector: Connector,
-    /// Creates the bridge's topics before the first write, until that succeeded once; `None`
-    /// once they exist (or creation is left to the broker).
+    /// Creates missing topics before writes; `None` when creation is left to the broker.
     topics: Option<Topics>,
     status: watch::Sender<KafkaStatus>,
     acks: AckHandle,
@@ -376,7 +388,7 @@ impl KafkaSink {
         self.metrics.batch_records.observe(batch.len() as f64);
         self.typical_batch = spool::sizes(&batch.records);
         if matches!(self.state, State::Direct) {
-            if self.ensure_topics().await {
+            if self.ensure_topics(&batch.records).await {
                 let unit = self.send(Origin::Direct, batch.records).await;
                 self.in_flight.push_back(unit);
             } else {
@@ -411,11 +423,17 @@ impl KafkaSink {
     /// not tried, so nothing behind a failure overtakes it.
     async fn send(&self, origin: Origin, records: Vec<Record>) -> InFlight {
         let reports = Reports::new();
+        let to = Destinations::of(&self.config);
         for (index, record) in records.iter().enumerate() {
+            let Some(topic) = to.topic(record) else {
+                // Unmapped: nothing to write, done at once (counted when the unit settles).
+                reports.ticket(index).settle(Ok(()));
+                continue;
+            };
             let sent = producer::enqueue(
                 self.producer.as_ref(),
                 &self.metrics,
-                record.topic.as_deref().unwrap_or(&self.config.topic),
+                topic,
                 record,
                 reports.ticket(index),
             )
@@ -515,12 +533,12 @@ impl KafkaSink {
             let Some(last_id) = chunk.last().map(|e| e.id) else {
                 break;
             };
-            if !self.ensure_topics().await {
+            let records: Vec<Record> = chunk.into_iter().flat_map(|e| e.records).collect();
+            if !self.ensure_topics(&records).await {
                 let failure = Failure::other("Kafka topics cannot be created");
                 self.enter_failing(&failure, self.spool.records());
                 return;
             }
-            let records: Vec<Record> = chunk.into_iter().flat_map(|e| e.records).collect();
             let unit = self.send(Origin::Spool { last_id }, records).await;
             self.in_flight.push_back(unit);
             cursor = last_id;
@@ -537,10 +555,18 @@ impl KafkaSink {
 
     /// Puts records behind the spool. Returns `false` when they are held back (spool full,
     /// policy `block`): the task then takes nothing more until there is room.
-    fn spool_records(&mut self, records: Vec<Record>) -> bool {
+    fn spool_records(&mut self, mut records: Vec<Record>) -> bool {
         let Some(last_seq) = records.last().map(|r| r.seq) else {
             return true;
         };
+        // Unmapped records are done: nothing to keep, but their receipt numbers count.
+        let before = records.len();
+        records.retain(|r| r.topic != Topic::Unmapped);
+        self.metrics.dropped("unmapped", before - records.len());
+        if records.is_empty() {
+            self.spooled_through = self.spooled_through.max(last_seq);
+            return true;
+        }
         match self.spool.push(records) {
             Pushed::Held(records) => {
                 self.held = Some(Batch { records });
@@ -609,6 +635,11 @@ impl KafkaSink {
     /// A write failed: into the failing state (or stays there, with the new reason).
     fn enter_failing(&mut self, failure: &Failure, records: usize) {
         self.replace_producer(failure);
+        // A topic may have gone with the outage (deleted, or a broker replaced by an empty
+        // one): make sure of every topic again before the next writes.
+        if let Some(topics) = &mut self.topics {
+            topics.forget();
+        }
         let now = Instant::now();
         let outage = match self.state.outage() {
             Some(outage) => Outage {
@@ -777,16 +808,18 @@ impl KafkaSink {
         }
     }
 
-    /// Creates missing topics before a write, once; `false` while that fails.
-    async fn ensure_topics(&mut self) -> bool {
-        let Some(topics) = &self.topics else {
+    /// Creates the topics `records` go to that are not known to exist (the bridge's own
+    /// first); `false` while that fails.
+    async fn ensure_topics(&mut self, records: &[Record]) -> bool {
+        let Some(topics) = &mut self.topics else {
             return true;
         };
-        match topics.create(&self.config).await {
-            Ok(()) => {
-                self.topics = None;
-                true
-            }
+        let named = records.iter().filter_map(|r| match &r.topic {
+            Topic::Named(name) => Some(name.as_str()),
+            Topic::Default | Topic::Unmapped => None,
+        });
+        match topics.ensure(named, &self.config).await {
+            Ok(()) => true,
             Err(e) => {
                 self.metrics.error("create_topic");
                 warn!(error = %e, "Kafka topics cannot be created yet.");
@@ -819,7 +852,7 @@ fn give_up(
     };
     metrics.dropped(label, 1);
     error!(
-        mqtt_topic = %record.key, kafka_topic = %topic, bytes = record.value.len(),
+        mqtt_topic = %record.mqtt_topic, kafka_topic = %topic, bytes = record.value.len(),
         error = %failure.text, "{what}"
     );
 }
@@ -842,7 +875,7 @@ mod tests {
     fn config(dir: &Path) -> KafkaConfig {
         KafkaConfig {
             brokers: "kafka.invalid:9092".to_owned(),
-            topic: crate::producer::fake::TOPIC.to_owned(),
+            topic: Some(crate::producer::fake::TOPIC.to_owned()),
             dead_letter_topic: None,
             auto_create_topics: false,
             topic_partitions: 1,
@@ -922,13 +955,13 @@ mod tests {
     fn batch(from: u64, count: u64) -> Batch {
         Batch {
             records: (from..from + count)
-                .map(|n| Record {
-                    seq: n,
-                    topic: None,
-                    key: format!("topic/{}", n % 3),
-                    value: n.to_string().into_bytes(),
-                    headers: Vec::new(),
-                    received_at: Instant::now(),
+                .map(|n| {
+                    Record::new(
+                        n,
+                        format!("topic/{}", n % 3),
+                        n.to_string().into_bytes(),
+                        Instant::now(),
+                    )
                 })
                 .collect(),
         }
@@ -1151,7 +1184,7 @@ mod tests {
         assert_eq!(header(letter, names::KAFKA_TOPIC), "bridge");
         assert_eq!(header(letter, names::ORIGINAL_SIZE), "1");
         assert!(header(letter, names::ERROR).contains("too large"));
-        assert_eq!(letter.key, "topic/1");
+        assert_eq!(letter.key_bytes(), Some(&b"topic/1"[..]));
         assert!(letter.value.is_empty(), "a value too large goes without it");
         assert_eq!(task.metrics.dead_lettered_count("too_large"), 1);
         assert_eq!(task.metrics.dropped_count("too_large"), 0);
@@ -1225,6 +1258,78 @@ mod tests {
         assert_eq!(header(&letters[0], names::MQTT_TOPIC), "topic/1");
         assert_eq!(task.metrics.dead_lettered_count("too_large"), 1);
         assert_eq!(script.delivered().len(), 9);
+    }
+
+    /// Records 1..=`count` routed by receipt number: 3, 6, … unmapped, the others to `odd` or
+    /// `even`.
+    fn routed(from: u64, count: u64) -> Batch {
+        let mut batch = batch(from, count);
+        for record in &mut batch.records {
+            record.topic = match record.seq {
+                n if n % 3 == 0 => Topic::Unmapped,
+                n if n % 2 == 1 => Topic::Named("odd".to_owned()),
+                _ => Topic::Named("even".to_owned()),
+            };
+        }
+        batch
+    }
+
+    fn values(records: &[Record]) -> Vec<String> {
+        records
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn routed_records_go_to_their_topics_and_unmapped_ones_are_counted_and_done() {
+        let script = Script::default();
+        let task = start(&script, |_| {}).await;
+        // The batch ends with an unmapped record: it is done all the same.
+        task.send(routed(1, 6)).await;
+        task.until("acknowledged", |t| t.watermark() == 6).await;
+        assert_eq!(values(&script.delivered_to("odd")), ["1", "5"]);
+        assert_eq!(values(&script.delivered_to("even")), ["2", "4"]);
+        assert_eq!(task.metrics.dropped_count("unmapped"), 2);
+        assert_eq!(task.metrics.records_sent.get(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_topic_refused_for_good_never_holds_up_the_others() {
+        let script = Script::default();
+        script.for_topic("odd", Outcome::TopicRefused);
+        let task = start(&script, |c| c.dead_letter_topic = Some(DLQ.to_owned())).await;
+        task.send(routed(1, 6)).await;
+        task.send(routed(7, 6)).await;
+        task.until("acknowledged", |t| t.watermark() == 12).await;
+        assert!(!task.failing());
+        assert_eq!(values(&script.delivered_to("even")), ["2", "4", "8", "10"]);
+        let letters = script.delivered_to(DLQ);
+        assert_eq!(values(&letters), ["1", "5", "7", "11"]);
+        assert_eq!(header(&letters[0], names::KAFKA_TOPIC), "odd");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn routed_records_keep_their_topics_through_the_spool() {
+        let script = Script::default();
+        script.then(2, Outcome::TimeOut(Duration::from_secs(3)));
+        let task = start(&script, |_| {}).await;
+        task.send(routed(1, 6)).await;
+        task.until("the failing state", |t| t.failing()).await;
+        task.send(routed(7, 6)).await;
+        task.until("everything acknowledged", |t| t.watermark() == 12)
+            .await;
+        task.until("Kafka back", |t| !t.failing()).await;
+        let odd = values(&script.delivered_to("odd"));
+        let even = values(&script.delivered_to("even"));
+        assert_eq!(odd.last().map(String::as_str), Some("11"));
+        for n in [1, 5, 7, 11] {
+            assert!(odd.contains(&n.to_string()), "{n} in {odd:?}");
+        }
+        for n in [2, 4, 8, 10] {
+            assert!(even.contains(&n.to_string()), "{n} in {even:?}");
+        }
+        assert_eq!(task.metrics.dropped_count("unmapped"), 4);
     }
 
     #[tokio::test(start_paused = true)]

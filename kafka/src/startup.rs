@@ -2,7 +2,9 @@
 //! Admin API when missing, since some brokers do not create topics on produce) and
 //! Metamorphosis' start-up probe.
 
-use mkb_bridge::{AckHandle, Record, envelope};
+use std::collections::HashSet;
+
+use mkb_bridge::{AckHandle, Key, Record, envelope};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use tracing::{debug, info, warn};
@@ -31,31 +33,27 @@ impl KafkaSink {
         let spool = Spool::open(config.spool.clone(), metrics.spool.clone()).await?;
         let connector = producer::rdkafka_connector(&config);
         let producer = connector()?;
-        let topics = if config.auto_create_topics {
+        let mut topics = if config.auto_create_topics {
             let admin = config
                 .client_config()
                 .create_with_context(BridgeContext)
                 .map_err(KafkaError::Client)?;
-            Some(Topics { admin })
+            Some(Topics::new(admin))
         } else {
             None
         };
         // Created now when possible; with a probe they must be, without one the task tries
         // again before its first write.
-        let topics = match topics {
-            Some(topics) => match topics.create(&config).await {
-                Ok(()) => None,
+        if let Some(topics) = &mut topics {
+            match topics.ensure(std::iter::empty(), &config).await {
+                Ok(()) => {}
                 Err(e) if config.test_topic.is_some() => return Err(e),
-                Err(e) => {
-                    warn!(
-                        error = %e,
-                        "Kafka topics not ready yet; trying again before the first write."
-                    );
-                    Some(topics)
-                }
-            },
-            None => None,
-        };
+                Err(e) => warn!(
+                    error = %e,
+                    "Kafka topics not ready yet; trying again before the first write."
+                ),
+            }
+        }
         if let Some(test_topic) = &config.test_topic {
             probe(producer.as_ref(), &metrics, test_topic, &config).await?;
         }
@@ -65,17 +63,46 @@ impl KafkaSink {
     }
 }
 
-/// Creates the bridge's topics (the main one, the probe's and the dead-letter topic) unless
-/// they exist.
+/// Creates missing topics through the Admin API: the bridge's own (the main one, the probe's and
+/// the dead-letter topic) and every topic the topic map renders, on first use. It remembers the
+/// topics it made sure of, until [`Topics::forget`]: a topic deleted while Kafka was failing
+/// (an operator, a broker replaced by an empty one) is then created again.
 pub(crate) struct Topics {
     admin: AdminClient<BridgeContext>,
+    known: HashSet<String>,
 }
 
 impl Topics {
-    pub(crate) async fn create(&self, config: &KafkaConfig) -> Result<(), KafkaError> {
-        let mut names = vec![config.topic.as_str()];
-        names.extend(config.test_topic.as_deref());
-        names.extend(config.dead_letter_topic.as_deref());
+    fn new(admin: AdminClient<BridgeContext>) -> Self {
+        Self {
+            admin,
+            known: HashSet::new(),
+        }
+    }
+
+    /// Forgets which topics exist; the next [`Topics::ensure`] asks Kafka again.
+    pub(crate) fn forget(&mut self) {
+        self.known.clear();
+    }
+
+    /// Creates those of the bridge's topics and of `named` that are not known to exist.
+    pub(crate) async fn ensure<'a>(
+        &mut self,
+        named: impl Iterator<Item = &'a str>,
+        config: &'a KafkaConfig,
+    ) -> Result<(), KafkaError> {
+        let mut names: Vec<&str> = [config.topic.as_deref(), config.test_topic.as_deref()]
+            .into_iter()
+            .chain([config.dead_letter_topic.as_deref()])
+            .flatten()
+            .chain(named)
+            .filter(|name| !self.known.contains(*name))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.is_empty() {
+            return Ok(());
+        }
         let topics: Vec<NewTopic> = names
             .iter()
             .map(|name| {
@@ -105,9 +132,24 @@ impl Topics {
             })?;
         for result in results {
             match result {
-                Ok(topic) => info!(topic = %topic, "Created Kafka topic."),
+                Ok(topic) => {
+                    info!(topic = %topic, "Created Kafka topic.");
+                    self.known.insert(topic);
+                }
                 Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     debug!(topic = %topic, "Kafka topic exists.");
+                    self.known.insert(topic);
+                }
+                // Refused for this topic alone: its records find out when they are written (and
+                // go to the dead-letter topic); it must not hold up the others.
+                Err((
+                    topic,
+                    code @ (RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::InvalidTopic
+                    | RDKafkaErrorCode::PolicyViolation),
+                )) => {
+                    warn!(topic = %topic, error = %code, "Kafka refused to create a topic.");
+                    self.known.insert(topic);
                 }
                 Err((topic, code)) => {
                     return Err(KafkaError::CreateTopic {
@@ -132,14 +174,8 @@ async fn probe(
     let mut value = Vec::new();
     envelope::encode(PROBE_TOPIC_FIELD, PROBE_CONTENT, &mut value);
     // Keyless, as Metamorphosis writes it.
-    let record = Record {
-        seq: 0,
-        topic: None,
-        key: String::new(),
-        value,
-        headers: Vec::new(),
-        received_at: tokio::time::Instant::now(),
-    };
+    let mut record = Record::new(0, String::new(), value, tokio::time::Instant::now());
+    record.key = Key::Null;
     let failed = |reason: String| KafkaError::Probe {
         topic: topic.to_owned(),
         brokers: config.brokers.clone(),

@@ -7,25 +7,32 @@
 use std::future::Future;
 
 use bytes::Bytes;
-use mkb_bridge::QoS;
+use mkb_bridge::{Properties, QoS};
 use rumqttc::v5::mqttbytes::v5 as mqtt5;
 use rumqttc::{Transport, v5};
 
 use crate::skip::{self, Skipped};
 use crate::{AckMode, MqttConfig, MqttVersion};
 
+/// One received PUBLISH.
+pub(crate) struct Received {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// Packet identifier, needed to acknowledge QoS 1/2 messages.
+    pub pkid: u16,
+    pub retain: bool,
+    pub dup: bool,
+    /// MQTT 5 properties routing can use.
+    pub properties: Option<Box<Properties>>,
+}
+
 /// What the source task needs to know about one event of the connection.
 pub(crate) enum Incoming {
     ConnAck {
         session_present: bool,
     },
-    Publish {
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        /// Packet identifier, needed to acknowledge QoS 1/2 messages.
-        pkid: u16,
-    },
+    Publish(Received),
     /// One entry per filter of the SUBSCRIBE: the granted QoS, or why it was refused.
     SubAck(Vec<Result<QoS, String>>),
     /// Our DISCONNECT went out.
@@ -219,12 +226,15 @@ impl Link for Connection {
 fn incoming_311(event: rumqttc::Event) -> Incoming {
     use rumqttc::{Event, Outgoing, Packet, SubscribeReasonCode};
     match event {
-        Event::Incoming(Packet::Publish(publish)) => Incoming::Publish {
+        Event::Incoming(Packet::Publish(publish)) => Incoming::Publish(Received {
             topic: publish.topic,
             payload: publish.payload,
             qos: qos_from_311(publish.qos),
             pkid: publish.pkid,
-        },
+            retain: publish.retain,
+            dup: publish.dup,
+            properties: None,
+        }),
         Event::Incoming(Packet::ConnAck(connack)) => Incoming::ConnAck {
             session_present: connack.session_present,
         },
@@ -247,13 +257,25 @@ fn incoming_5(event: v5::Event) -> Incoming {
     use v5::Event;
     use v5::mqttbytes::v5::Packet;
     match event {
-        Event::Incoming(Packet::Publish(publish)) => Incoming::Publish {
+        Event::Incoming(Packet::Publish(publish)) => Incoming::Publish(Received {
             // Topics are UTF-8 by the protocol; rumqttc checked the packet's framing only.
             topic: String::from_utf8_lossy(&publish.topic).into_owned(),
             payload: publish.payload,
             qos: qos_from_5(publish.qos),
             pkid: publish.pkid,
-        },
+            retain: publish.retain,
+            dup: publish.dup,
+            properties: publish.properties.and_then(|p| {
+                let properties = Properties {
+                    user: p.user_properties,
+                    content_type: p.content_type,
+                    response_topic: p.response_topic,
+                    correlation_data: p.correlation_data,
+                    message_expiry: p.message_expiry_interval,
+                };
+                (properties != Properties::default()).then(|| Box::new(properties))
+            }),
+        }),
         Event::Incoming(Packet::ConnAck(connack)) => Incoming::ConnAck {
             session_present: connack.session_present,
         },

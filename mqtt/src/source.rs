@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::MqttVersion;
-use crate::connection::{Connection, Incoming, Link, PollError, Unreadable};
+use crate::connection::{Connection, Incoming, Link, PollError, Received, Unreadable};
 #[cfg(test)]
 use crate::skip::Skipped;
 use crate::{AckMode, Backoff, MqttConfig, MqttMetrics};
@@ -172,14 +172,7 @@ impl MqttSource {
                 }
                 Wake::Connection(Ok(incoming)) => {
                     match incoming {
-                        Incoming::Publish {
-                            topic,
-                            payload,
-                            qos,
-                            pkid,
-                        } => {
-                            self.receive(&output, topic, payload, qos, pkid);
-                        }
+                        Incoming::Publish(received) => self.receive(&output, received),
                         Incoming::ConnAck { session_present } => {
                             backoff.reset();
                             self.on_connected(&connection, &broker, session_present);
@@ -221,14 +214,16 @@ impl MqttSource {
     }
 
     /// Numbers a message and passes it on, or queues it while the pipeline is full.
-    fn receive(
-        &mut self,
-        output: &mpsc::Sender<Message>,
-        topic: String,
-        payload: bytes::Bytes,
-        qos: QoS,
-        pkid: u16,
-    ) {
+    fn receive(&mut self, output: &mpsc::Sender<Message>, received: Received) {
+        let Received {
+            topic,
+            payload,
+            qos,
+            pkid,
+            retain,
+            dup,
+            properties,
+        } = received;
         self.metrics.received(qos).inc();
         self.last_seq += 1;
         let seq = self.last_seq;
@@ -249,6 +244,9 @@ impl MqttSource {
             payload,
             qos,
             received_at,
+            retain,
+            dup,
+            properties,
             dead_letter: None,
         };
         self.pass_on(output, message, deferred);
@@ -343,6 +341,9 @@ impl MqttSource {
             // Already acknowledged on the side connection.
             qos: QoS::AtMostOnce,
             received_at: Instant::now(),
+            retain: false,
+            dup: false,
+            properties: None,
             dead_letter: Some(Box::new(DeadLetter {
                 topic,
                 reason,
@@ -514,14 +515,8 @@ impl MqttSource {
         if connection.disconnect() {
             let closed = tokio::time::timeout(DISCONNECT_GRACE, async {
                 while let Ok(incoming) = connection.poll().await {
-                    if let Incoming::Publish {
-                        topic,
-                        payload,
-                        qos,
-                        pkid,
-                    } = incoming
-                    {
-                        self.receive(output, topic, payload, qos, pkid);
+                    if let Incoming::Publish(received) = incoming {
+                        self.receive(output, received);
                     }
                 }
             })
@@ -755,12 +750,15 @@ pub(crate) mod tests {
     }
 
     fn publish(pkid: u16, qos: QoS, payload: usize) -> Incoming {
-        Incoming::Publish {
+        Incoming::Publish(Received {
             topic: format!("cars/{pkid}"),
             payload: bytes::Bytes::from(vec![b'x'; payload]),
             qos,
             pkid,
-        }
+            retain: false,
+            dup: false,
+            properties: None,
+        })
     }
 
     impl Task {

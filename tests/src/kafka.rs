@@ -26,6 +26,8 @@ pub struct Received {
 /// Reads a topic from its first offset.
 pub struct KafkaReader {
     consumer: StreamConsumer,
+    /// Values are not envelopes: `payload` is the value, `mqtt_topic` the `mqtt.topic` header.
+    raw: bool,
     pub received: Vec<Received>,
 }
 
@@ -40,6 +42,14 @@ impl Received {
 }
 
 impl KafkaReader {
+    /// [`KafkaReader::new`] for values that are not envelopes (`raw` or `json` formats).
+    pub async fn new_raw(brokers: &str, topic: &str) -> Self {
+        Self {
+            raw: true,
+            ..Self::new(brokers, topic).await
+        }
+    }
+
     /// Assigns every partition of `topic` (which must exist within 20 s) from the beginning.
     pub async fn new(brokers: &str, topic: &str) -> Self {
         let mut config = ClientConfig::new();
@@ -85,6 +95,7 @@ impl KafkaReader {
         consumer.assign(&assignment).expect("assign partitions");
         Self {
             consumer,
+            raw: false,
             received: Vec::new(),
         }
     }
@@ -112,6 +123,10 @@ impl KafkaReader {
             };
             // A dead letter may have lost its value (too large): its header names the topic.
             let decoded = match (envelope::decode(&value), header("mqtt.dlq.reason")) {
+                _ if self.raw => envelope::Decoded {
+                    topic: header("mqtt.topic").unwrap_or_default(),
+                    payload: value.clone(),
+                },
                 (Ok(decoded), _) => decoded,
                 (Err(_), Some(_)) => envelope::Decoded {
                     topic: header("mqtt.topic").unwrap_or_default(),

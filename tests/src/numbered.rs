@@ -23,12 +23,24 @@ pub fn publish_numbered(
     rate: u64,
     qos: QoS,
 ) -> JoinHandle<()> {
+    publish_numbered_over(publisher, prefix, 3, count, rate, qos)
+}
+
+/// [`publish_numbered`] over `spread` topics, `prefix/0` to `prefix/{spread - 1}`.
+pub fn publish_numbered_over(
+    publisher: Arc<Publisher>,
+    prefix: &str,
+    spread: u64,
+    count: u64,
+    rate: u64,
+    qos: QoS,
+) -> JoinHandle<()> {
     let prefix = prefix.to_owned();
     tokio::spawn(async move {
         let started = tokio::time::Instant::now();
         for n in 0..count {
             publisher
-                .publish(&topic_of(&prefix, n), n.to_string(), qos)
+                .publish(&format!("{prefix}/{}", n % spread), n.to_string(), qos)
                 .await;
             if rate > 0 && n % 10 == 9 {
                 // Keep to the rate on average: sleep until message n+1 is due.
@@ -65,15 +77,31 @@ pub async fn expect_all_numbers(
     count: u64,
     deadline: Duration,
 ) -> Delivery {
-    let mut reader = KafkaReader::new(brokers, topic).await;
+    let wanted: Vec<u64> = (0..count).collect();
+    expect_numbers(KafkaReader::new(brokers, topic).await, &wanted, deadline).await
+}
+
+/// [`expect_all_numbers`] for the numbers `wanted`, read by `reader`.
+pub async fn expect_numbers(
+    mut reader: KafkaReader,
+    wanted: &[u64],
+    deadline: Duration,
+) -> Delivery {
     let complete = reader
         .read_until(deadline, |received| {
-            distinct_numbers(received).len() as u64 >= count
+            let seen = distinct_numbers(received);
+            wanted.iter().all(|n| seen.contains(n))
         })
         .await;
     let seen = distinct_numbers(&reader.received);
+    let count = wanted.len();
     if !complete {
-        let missing: Vec<u64> = (0..count).filter(|n| !seen.contains(n)).take(20).collect();
+        let missing: Vec<u64> = wanted
+            .iter()
+            .copied()
+            .filter(|n| !seen.contains(n))
+            .take(20)
+            .collect();
         panic!(
             "{} of {count} numbers reached Kafka within {deadline:?}; first missing: {missing:?}; \
              (partition, last offset read, high watermark): {:?}",

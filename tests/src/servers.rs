@@ -246,6 +246,8 @@ impl Drop for Mosquitto {
 pub struct Tansu {
     child: Child,
     port: u16,
+    /// The port clients are told to use, when it is not `port` (a proxy's).
+    advertised_port: Option<u16>,
 }
 
 impl Tansu {
@@ -263,7 +265,23 @@ impl Tansu {
         (tansu, proxy)
     }
 
+    /// Kills the broker and starts an empty one on the same port: a broker replaced by a new
+    /// one without the old one's topics.
+    pub fn replace_with_empty(&mut self) {
+        kill(&mut self.child);
+        self.child = Self::spawn(self.port, self.advertised_port);
+    }
+
     fn start_advertising(advertised_port: Option<u16>) -> Self {
+        let port = free_port();
+        Self {
+            child: Self::spawn(port, advertised_port),
+            port,
+            advertised_port,
+        }
+    }
+
+    fn spawn(port: u16, advertised_port: Option<u16>) -> Child {
         let cargo_bin = std::env::var_os("CARGO_HOME")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -271,7 +289,6 @@ impl Tansu {
             .into_iter()
             .collect::<Vec<_>>();
         let binary = find_executable("tansu", &cargo_bin, TANSU_INSTALL);
-        let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised = format!("tcp://127.0.0.1:{}", advertised_port.unwrap_or(port));
         let mut child = Command::new(binary)
@@ -289,7 +306,7 @@ impl Tansu {
             .spawn()
             .expect("spawn tansu");
         wait_for_port(port, "tansu", &mut child);
-        Self { child, port }
+        child
     }
 
     pub fn port(&self) -> u16 {

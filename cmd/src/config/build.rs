@@ -6,9 +6,11 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use mkb_bridge::{BatcherConfig, QoS};
+use mkb_bridge::route::{HeaderSet, KeySetting, RouterConfig, Rule, ValueFormat};
+use mkb_bridge::{BatcherConfig, QoS, Router};
 use mkb_kafka::{KafkaConfig, SpoolConfig};
 use mkb_log::LogConfig;
 use mkb_mqtt::{AckMode, Credentials, MqttConfig, TlsConfig, TlsError, TlsFile};
@@ -35,6 +37,16 @@ pub(super) fn config(vars: &Vars, host_name: &str) -> Result<Config, ConfigError
     // messages it has to read past.
     let dead_letter_topic = vars.parse_opt("KAFKA_DLQ_TOPIC", kafka_topic)?;
     let mqtt = mqtt(vars, host_name, shutdown_timeout, dead_letter_topic.clone())?;
+    let rules = topic_map(vars)?;
+    let topic = vars.parse_opt("KAFKA_TOPIC", kafka_topic)?;
+    if topic.is_none() && rules.is_empty() {
+        return Err(ConfigError::Missing {
+            var: "KAFKA_TOPIC",
+            expected: "the Kafka topic every message is written to (or a topic map, \
+                       KAFKA_TOPIC_MAP or KAFKA_TOPIC_MAP_FILE)",
+        });
+    }
+    let router = router(vars, rules, topic.is_some())?;
     // With deferred acks the broker stops at its in-flight window: flush when it goes quiet,
     // and keep what is spooled on disk before acknowledging it.
     let deferred_acks = mqtt.ack_mode == AckMode::AfterWrite && mqtt.qos != QoS::AtMostOnce;
@@ -55,6 +67,7 @@ pub(super) fn config(vars: &Vars, host_name: &str) -> Result<Config, ConfigError
     })?;
     let kafka = kafka(
         vars,
+        topic,
         dead_letter_topic,
         max_batch_size,
         shutdown_timeout,
@@ -64,6 +77,7 @@ pub(super) fn config(vars: &Vars, host_name: &str) -> Result<Config, ConfigError
         log,
         mqtt,
         kafka,
+        router: Arc::new(router),
         batcher,
         max_batch_size,
         health_addr: SocketAddr::new(
@@ -189,6 +203,7 @@ fn credentials(vars: &Vars) -> Result<Option<Credentials>, ConfigError> {
 
 fn kafka(
     vars: &Vars,
+    topic: Option<String>,
     dead_letter_topic: Option<String>,
     max_batch_size: usize,
     shutdown_timeout: Duration,
@@ -202,8 +217,10 @@ fn kafka(
             vars.parse("KAFKA_PORT", port)?
         ),
     };
-    let topic = kafka_topic(vars.required("KAFKA_TOPIC")?, "KAFKA_TOPIC")?;
-    if let Some(dlq) = dead_letter_topic.as_deref().filter(|dlq| *dlq == topic) {
+    if let Some(dlq) = dead_letter_topic
+        .as_deref()
+        .filter(|dlq| Some(*dlq) == topic.as_deref())
+    {
         return Err(ConfigError::invalid(
             "KAFKA_DLQ_TOPIC",
             dlq,
@@ -304,4 +321,98 @@ fn property_variable(key: &str) -> String {
         .replace('.', "_")
         .to_ascii_uppercase();
     format!("{KAFKA_PROPERTY_PREFIX}{name}")
+}
+
+/// The rules of `KAFKA_TOPIC_MAP` (separated by `;` or newlines), then those of
+/// `KAFKA_TOPIC_MAP_FILE` (one per line, `#` comments).
+fn topic_map(vars: &Vars) -> Result<Vec<Rule>, ConfigError> {
+    let mut rules = Vec::new();
+    if let Some(map) = vars.opt("KAFKA_TOPIC_MAP") {
+        for text in map
+            .split([';', '\n'])
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            let rule = Rule::parse(text).map_err(|e| {
+                ConfigError::invalid("KAFKA_TOPIC_MAP", map, format!("rules SOURCE=TARGET ({e})"))
+            })?;
+            rules.push(rule);
+        }
+    }
+    if let Some(path) = vars.opt("KAFKA_TOPIC_MAP_FILE") {
+        let invalid = |why: String| ConfigError::invalid("KAFKA_TOPIC_MAP_FILE", path, why);
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("a readable file of rules ({e})")))?;
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let rule = Rule::parse(line).map_err(|e| {
+                invalid(format!(
+                    "one rule SOURCE=TARGET per line (line {}: {e})",
+                    number + 1
+                ))
+            })?;
+            rules.push(rule);
+        }
+    }
+    Ok(rules)
+}
+
+/// Routing: the topic map, `KAFKA_TOPIC_SEPARATOR`, `KAFKA_KEY`, `KAFKA_HEADERS` and
+/// `KAFKA_VALUE_FORMAT`. `fallback`: `KAFKA_TOPIC` is set, for messages no rule matches.
+fn router(vars: &Vars, rules: Vec<Rule>, fallback: bool) -> Result<Router, ConfigError> {
+    let separator = vars.parse("KAFKA_TOPIC_SEPARATOR", |value, name| {
+        let valid = (1..=8).contains(&value.len())
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if valid {
+            Ok(value.to_owned())
+        } else {
+            Err(ConfigError::invalid(
+                name,
+                value,
+                "1 to 8 characters of a-z A-Z 0-9 . _ -",
+            ))
+        }
+    })?;
+    let key = vars.parse("KAFKA_KEY", |value, name| {
+        KeySetting::parse(value)
+            .map_err(|e| ConfigError::invalid(name, value, format!("a key template or none ({e})")))
+    })?;
+    let headers = vars.parse("KAFKA_HEADERS", |value, name| {
+        HeaderSet::parse(value).map_err(|e| {
+            ConfigError::invalid(
+                name,
+                value,
+                format!(
+                    "none, all, or a list of {} ({e})",
+                    HeaderSet::NAMES.join(", ")
+                ),
+            )
+        })
+    })?;
+    let format = vars.parse("KAFKA_VALUE_FORMAT", |value, name| match value {
+        "envelope" => Ok(ValueFormat::Envelope),
+        "raw" => Ok(ValueFormat::Raw),
+        "json" => Ok(ValueFormat::Json),
+        _ => Err(ConfigError::invalid(name, value, "envelope, raw or json")),
+    })?;
+    Router::new(RouterConfig {
+        rules,
+        fallback,
+        separator,
+        key,
+        headers,
+        format,
+    })
+    .map_err(|e| {
+        ConfigError::invalid(
+            "KAFKA_KEY",
+            vars.get("KAFKA_KEY"),
+            format!("a key template whose names a rule of the topic map defines ({e})"),
+        )
+    })
 }

@@ -18,9 +18,10 @@ mod variables;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use mkb_bridge::BatcherConfig;
+use mkb_bridge::{BatcherConfig, Router};
 use mkb_kafka::KafkaConfig;
 use mkb_log::LogConfig;
 use mkb_mqtt::MqttConfig;
@@ -37,6 +38,8 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub kafka: KafkaConfig,
+    /// What each message becomes in Kafka: topic, key, headers, value.
+    pub router: Arc<Router>,
     pub batcher: BatcherConfig,
     pub max_batch_size: usize,
     pub health_addr: SocketAddr,
@@ -383,7 +386,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(config.mqtt.filters, ["from/file"]);
-        assert_eq!(config.kafka.topic, "file-topic");
+        assert_eq!(config.kafka.topic.as_deref(), Some("file-topic"));
         assert_eq!(config.mqtt.port, 2000);
     }
 
@@ -506,7 +509,7 @@ mod tests {
         assert!(config.mqtt.tls.is_none());
         assert!(config.mqtt.clean_session, "a switch alone is true");
         assert_eq!(config.kafka.brokers, "redpanda:19092");
-        assert_eq!(config.kafka.topic, "mqtt-in");
+        assert_eq!(config.kafka.topic.as_deref(), Some("mqtt-in"));
         assert_eq!(config.kafka.test_topic.as_deref(), Some("probe"));
         assert_eq!(config.batcher.max_records, 500);
         assert_eq!(config.max_batch_size, 4000);

@@ -136,7 +136,43 @@ pub const VARIABLES: &[Variable] = &[
     var(
         "KAFKA_TOPIC",
         None,
-        "required: Kafka topic every message is written to",
+        "Kafka topic every message is written to; required without a topic map, with one the \
+         topic of messages no rule matches (unset: they are counted as unmapped)",
+    ),
+    var(
+        "KAFKA_TOPIC_MAP",
+        None,
+        "routing rules SOURCE=TARGET separated by ; or newlines, first match wins: an MQTT \
+         filter with named levels (cars/{vin}/#) or re:REGEX, to a topic template ({vin}, {2}, \
+         {#}, {topic}); see README, Routing",
+    ),
+    var(
+        "KAFKA_TOPIC_MAP_FILE",
+        None,
+        "file of routing rules, one per line, # comments (after those of KAFKA_TOPIC_MAP)",
+    ),
+    var(
+        "KAFKA_TOPIC_SEPARATOR",
+        Some("_"),
+        "what / becomes in a mapped Kafka topic name",
+    ),
+    var(
+        "KAFKA_KEY",
+        Some("{topic}"),
+        "key template: {topic}, a level ({2}, {vin}), {prop:NAME} (MQTT 5 user property), \
+         {json:/pointer} (payload field), text; none for a null key",
+    ),
+    var(
+        "KAFKA_HEADERS",
+        Some("none"),
+        "MQTT fields as Kafka headers (mqtt.*): none, all, or a list of topic, qos, retain, \
+         dup, props, content_type, response_topic, correlation_data, message_expiry",
+    ),
+    var(
+        "KAFKA_VALUE_FORMAT",
+        Some("envelope"),
+        "record value: envelope (Metamorphosis' JSON with base64 content), raw (the payload) \
+         or json (topic, qos, retain, receipt time and the payload)",
     ),
     var(
         "KAFKA_DLQ_TOPIC",
@@ -339,6 +375,10 @@ pub struct CommandLine {
     pub version: bool,
     pub check_config: bool,
     pub env_file: Option<std::path::PathBuf>,
+    /// `--route TOPIC`: print what a message on TOPIC becomes, then exit.
+    pub route: Option<String>,
+    /// `--payload FILE`: the payload `--route` uses (empty without it).
+    pub payload: Option<std::path::PathBuf>,
     /// Values given as flags, by variable name; they win over the environment.
     pub values: Vec<(String, String)>,
     /// Metamorphosis flags that mean nothing here, given anyway (warned about at start).
@@ -410,6 +450,8 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<CommandLine,
             "V" | "version" => command.version = true,
             "check-config" => command.check_config = true,
             "env-file" => command.env_file = Some(value("a path")?.into()),
+            "route" => command.route = Some(value("an MQTT topic")?),
+            "payload" => command.payload = Some(value("a file")?.into()),
             _ => {
                 if IGNORED_FLAGS.contains(&name) {
                     value("a value")?;
@@ -436,9 +478,13 @@ pub fn help() -> String {
     let mut text = String::from(
         "mqtt-kafka-bridge: subscribes to MQTT topic filters and writes every message to Kafka.\n\n\
          Usage: mqtt-kafka-bridge [--env-file PATH] [--check-config] [--FLAG VALUE ...]\n\
+         \x20      mqtt-kafka-bridge --route TOPIC [--payload FILE] [--FLAG VALUE ...]\n\
          \x20      mqtt-kafka-bridge --help | --version\n\n\
          --check-config validates the configuration, prints the effective values (secrets as\n\
-         ***) and exits: 0 when valid, 64 when not.\n\n\
+         ***) and exits: 0 when valid, 64 when not.\n\
+         --route TOPIC prints what a message on TOPIC (with the payload in FILE) becomes with\n\
+         this configuration: the rule that matched, the Kafka topic, key, headers and value.\n\
+         It connects to nothing.\n\n\
          Configuration comes from flags, then environment variables, then a .env file in the\n\
          working directory (or --env-file PATH); a flag wins over the environment, which wins\n\
          over the file. Every variable has a flag: MQTT_BROKER is --mqtt-broker (or\n\

@@ -16,7 +16,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mkb_bridge::Record;
+use mkb_bridge::{Key, Record, Topic};
 use tokio::time::Instant;
 
 /// Marks the start of every frame.
@@ -73,10 +73,35 @@ pub fn encode(id: u64, records: &[Record], out: &mut Vec<u8>) {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_micros() as u64);
         out.extend_from_slice(&received.to_le_bytes());
-        put(out, record.topic.as_deref().unwrap_or_default().as_bytes());
-        put(out, record.key.as_bytes());
+        let topic = match &record.topic {
+            Topic::Named(name) => name.as_str(),
+            // Unmapped records are never spooled (there is nothing to write).
+            Topic::Default | Topic::Unmapped => "",
+        };
+        put(out, topic.as_bytes());
+        // A key other than the MQTT topic is stored as the key, and the MQTT topic as a first
+        // header with an empty name (a name no Kafka header of the bridge has).
+        let mqtt_topic_header = match &record.key {
+            Key::MqttTopic => {
+                put(out, record.mqtt_topic.as_bytes());
+                false
+            }
+            Key::Null => {
+                out.extend_from_slice(&NONE.to_le_bytes());
+                true
+            }
+            Key::Text(key) => {
+                put(out, key.as_bytes());
+                true
+            }
+        };
         put(out, &record.value);
-        out.extend_from_slice(&(record.headers.len() as u32).to_le_bytes());
+        let count = record.headers.len() + usize::from(mqtt_topic_header);
+        out.extend_from_slice(&(count as u32).to_le_bytes());
+        if mqtt_topic_header {
+            put(out, b"");
+            put(out, record.mqtt_topic.as_bytes());
+        }
         for (name, value) in &record.headers {
             put(out, name.as_bytes());
             put(out, value);
@@ -214,17 +239,34 @@ pub fn decode(body: &[u8]) -> Option<Vec<Record>> {
         let age = now_system.duration_since(received).unwrap_or_default();
         let (mut rest, count) = fields.headers;
         // `parse` has checked every header already.
-        let headers = (0..count)
+        let mut headers: Vec<(String, Vec<u8>)> = (0..count)
             .filter_map(|_| {
                 let name = std::str::from_utf8(take_bytes(&mut rest)?).ok()?;
                 let value = take_optional(&mut rest)?.unwrap_or_default();
                 Some((name.to_owned(), value.to_vec()))
             })
             .collect();
+        let key = fields.key.unwrap_or_default();
+        let (mqtt_topic, key) = match headers.first() {
+            Some((name, _)) if name.is_empty() => {
+                let (_, mqtt_topic) = headers.remove(0);
+                let key = match fields.key {
+                    Some(key) => Key::Text(key.to_owned()),
+                    None => Key::Null,
+                };
+                (String::from_utf8_lossy(&mqtt_topic).into_owned(), key)
+            }
+            _ => (key.to_owned(), Key::MqttTopic),
+        };
         records.push(Record {
             seq: 0,
-            topic: (!fields.topic.is_empty()).then(|| fields.topic.to_owned()),
-            key: fields.key.unwrap_or_default().to_owned(),
+            topic: if fields.topic.is_empty() {
+                Topic::Default
+            } else {
+                Topic::Named(fields.topic.to_owned())
+            },
+            mqtt_topic,
+            key,
             value: fields.value.to_vec(),
             headers,
             received_at: now.checked_sub(age).unwrap_or(now),
@@ -302,11 +344,14 @@ mod tests {
     #[test]
     fn frames_round_trip_with_their_sizes() {
         let mut original = records(0, 5);
-        original[2].topic = Some("dead-letters".to_owned());
+        original[2].topic = Topic::Named("dead-letters".to_owned());
         original[2].headers = vec![
             ("mqtt.dlq.reason".to_owned(), b"too_large".to_vec()),
             ("empty".to_owned(), Vec::new()),
         ];
+        original[3].key = Key::Text("VIN123".to_owned());
+        original[3].headers = vec![("mqtt.topic".to_owned(), b"cars/VIN123".to_vec())];
+        original[4].key = Key::Null;
         let mut out = Vec::new();
         encode(7, &original, &mut out);
         let (count, bytes) = crate::spool::sizes(&original);
@@ -319,8 +364,8 @@ mod tests {
         assert_eq!(decoded.len(), original.len());
         for (a, b) in original.iter().zip(&decoded) {
             assert_eq!(
-                (&a.topic, &a.key, &a.value, &a.headers),
-                (&b.topic, &b.key, &b.value, &b.headers)
+                (&a.topic, &a.mqtt_topic, &a.key, &a.value, &a.headers),
+                (&b.topic, &b.mqtt_topic, &b.key, &b.value, &b.headers)
             );
             let skew = a.received_at.max(b.received_at) - a.received_at.min(b.received_at);
             assert!(

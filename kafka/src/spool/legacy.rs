@@ -147,14 +147,7 @@ fn decode(value: &[u8]) -> Option<Vec<Record>> {
     for _ in 0..count {
         let key = String::from_utf8(take()?).ok()?;
         let value = take()?;
-        records.push(Record {
-            seq: 0,
-            topic: None,
-            key,
-            value,
-            headers: Vec::new(),
-            received_at: loaded_at,
-        });
+        records.push(Record::new(0, key, value, loaded_at));
     }
     rest.is_empty().then_some(records)
 }

@@ -743,13 +743,13 @@ pub(crate) mod tests {
     /// 100 records keyed `topic/n`, each value `value_bytes` bytes of `n`.
     fn large_entry(n: u64, value_bytes: usize) -> Vec<Record> {
         (0..100)
-            .map(|i| Record {
-                seq: n * 100 + i,
-                topic: None,
-                key: format!("topic/{n}"),
-                value: vec![n as u8; value_bytes],
-                headers: Vec::new(),
-                received_at: Instant::now(),
+            .map(|i| {
+                Record::new(
+                    n * 100 + i,
+                    format!("topic/{n}"),
+                    vec![n as u8; value_bytes],
+                    Instant::now(),
+                )
             })
             .collect()
     }
@@ -757,13 +757,13 @@ pub(crate) mod tests {
     /// Records `from` to `from + count - 1`, valued `payload NNNNN`.
     pub(super) fn records(from: u64, count: u64) -> Vec<Record> {
         (from..from + count)
-            .map(|n| Record {
-                seq: n,
-                topic: None,
-                key: format!("topic/{}", n % 3),
-                value: format!("payload {n:05}").into_bytes(),
-                headers: Vec::new(),
-                received_at: Instant::now(),
+            .map(|n| {
+                Record::new(
+                    n,
+                    format!("topic/{}", n % 3),
+                    format!("payload {n:05}").into_bytes(),
+                    Instant::now(),
+                )
             })
             .collect()
     }
@@ -985,7 +985,7 @@ pub(crate) mod tests {
             a.len() == b.len()
                 && a.iter()
                     .zip(b)
-                    .all(|(a, b)| a.key == b.key && a.value == b.value)
+                    .all(|(a, b)| a.mqtt_topic == b.mqtt_topic && a.value == b.value)
         };
         let config = || SpoolConfig {
             persist_all: true,
@@ -1353,7 +1353,7 @@ pub(crate) mod tests {
             .map(|n| format!("{{\"topic\":\"sensors/{}\",\"content\":\"{n:05}\"}}", n % 3))
             .collect();
         assert_eq!(values, expected);
-        assert_eq!(found[0].records[0].key, "sensors/1");
+        assert_eq!(found[0].records[0].mqtt_topic, "sensors/1");
         assert!(!spool_dir.join("db").exists(), "sled's files are gone");
         // Converted for good: the next start reads the new format.
         drop(spool);
