@@ -28,7 +28,9 @@ const USAGE: &str =
                  [--qos 0|1] [--mqtt-version 3.1.1|5] [--ack after-write|on-receipt]
                  [--batch-size N] [--interval DURATION] [--inflight N] [--no-baseline]
                  [--outage]   (Kafka cut while publishing: measures spool write and drain rates)
-                 [--outage-hold SECONDS]   (keep Kafka cut that long after everything is spooled)";
+                 [--outage-hold SECONDS]   (keep Kafka cut that long after everything is spooled)
+                 [--topics N]   (N MQTT topics per publisher, each mapped to a Kafka topic of its own)
+                 [--headers none|all|LIST]   (the bridge's KAFKA_HEADERS)";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -45,6 +47,10 @@ struct Options {
     baseline: bool,
     outage: bool,
     outage_hold: u64,
+    /// MQTT topics per publisher; above 1, each is mapped to a Kafka topic of its own.
+    topics: u64,
+    /// `KAFKA_HEADERS` of the bridge.
+    headers: String,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -62,6 +68,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         baseline: true,
         outage: false,
         outage_hold: 0,
+        topics: 1,
+        headers: "none".to_owned(),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -91,6 +99,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--interval" => o.interval = value.clone(),
             "--inflight" => o.inflight = number()? as u16,
             "--outage-hold" => o.outage_hold = number()?,
+            "--topics" => o.topics = number()?.max(1),
+            "--headers" => o.headers = value.clone(),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -158,11 +168,17 @@ async fn publish(port: u16, o: &Options, topic_prefix: &str) {
     let mut tasks = Vec::new();
     for p in 0..o.publishers {
         let o = o.clone();
-        let topic = format!("{topic_prefix}/{p}");
+        let topics: Vec<String> = if o.topics > 1 {
+            (0..o.topics)
+                .map(|t| format!("{topic_prefix}/{p}/{t}"))
+                .collect()
+        } else {
+            vec![format!("{topic_prefix}/{p}")]
+        };
         tasks.push(tokio::spawn(async move {
             let load = publisher::Load {
                 port,
-                topic: &topic,
+                topics: &topics,
                 messages: o.messages / o.publishers,
                 size: o.size,
                 qos: o.qos,
@@ -189,11 +205,31 @@ fn sent_micros(value: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(head[..8].try_into().ok()?))
 }
 
-/// Reads `expected` records from the topic on a blocking thread, recording each one's latency.
+/// Creates `topics` (one partition each) through the Admin API.
+async fn create_topics(brokers: &str, topics: &[String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("create the benchmark's admin client");
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .expect("create the benchmark's topics")
+    {
+        result.expect("topic created");
+    }
+}
+
+/// Reads `expected` records from the topics on a blocking thread, recording each one's latency.
 /// `ready` fires once the consumer is connected, so its start-up does not count as latency.
 fn read_kafka(
     brokers: &str,
-    topic: &str,
+    topics: &[String],
     expected: u64,
     progress: &AtomicU64,
     ready: tokio::sync::oneshot::Sender<()>,
@@ -209,9 +245,11 @@ fn read_kafka(
         .create()
         .expect("create the benchmark's consumer");
     let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, Offset::Beginning)
-        .expect("valid offset");
+    for topic in topics {
+        assignment
+            .add_partition_offset(topic, 0, Offset::Beginning)
+            .expect("valid offset");
+    }
     consumer.assign(&assignment).expect("assign");
     let mut latencies = Vec::with_capacity(expected as usize);
     let mut record = |message: &rdkafka::message::BorrowedMessage<'_>| {
@@ -311,6 +349,21 @@ async fn run_bridge(o: &Options) -> Figures {
         .unwrap_or(1000)
         .max(8000)
         .to_string();
+    // With several MQTT topics, each is mapped to a Kafka topic of its own, created here first
+    // so the reader can be assigned them before the bridge writes.
+    let kafka_topics: Vec<String> = if o.topics > 1 {
+        (0..o.topics).map(|t| format!("{topic}.{t}")).collect()
+    } else {
+        vec![topic.clone()]
+    };
+    if o.topics > 1 {
+        create_topics(&kafka.brokers(), &kafka_topics).await;
+    }
+    let map = if o.topics > 1 {
+        format!("bench/+/{{t}}={topic}.{{t}}")
+    } else {
+        String::new()
+    };
     let env = bridge_env(
         mqtt.port(),
         kafka_port,
@@ -318,6 +371,8 @@ async fn run_bridge(o: &Options) -> Figures {
         "bench/#",
         // Fast failure settings, so the outage run's spooling starts after 3 s, not 30.
         &with_fast_failure(&[
+            ("KAFKA_TOPIC_MAP", &map),
+            ("KAFKA_HEADERS", &o.headers),
             ("MQTT_QOS", &qos),
             ("MQTT_VERSION", &o.mqtt_version),
             ("MQTT_ACK", &o.ack),
@@ -383,8 +438,8 @@ async fn run_bridge(o: &Options) -> Figures {
     let reporter = spawn_progress("bridge", o.messages, progress.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let reader = tokio::task::spawn_blocking({
-        let (brokers, topic) = (kafka.brokers(), topic.clone());
-        move || read_kafka(&brokers, &topic, expected, &progress, ready_tx)
+        let brokers = kafka.brokers();
+        move || read_kafka(&brokers, &kafka_topics, expected, &progress, ready_tx)
     });
     let _ = ready_rx.await;
     let started = Instant::now();

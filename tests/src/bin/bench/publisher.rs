@@ -25,7 +25,8 @@ const CHUNK: usize = 64 * 1024;
 /// One publisher connection's share of the load.
 pub struct Load<'a> {
     pub port: u16,
-    pub topic: &'a str,
+    /// Message `n` goes to `topics[n % topics.len()]`.
+    pub topics: &'a [String],
     pub messages: u64,
     pub size: usize,
     pub qos: u8,
@@ -75,7 +76,7 @@ pub async fn publish(load: Load<'_>, payload: impl Fn(u64, &mut Vec<u8>)) {
         payload(n, &mut body);
         encode_publish(
             &mut chunk,
-            load.topic,
+            &load.topics[(n % load.topics.len() as u64) as usize],
             load.qos,
             (n % 65_535) as u16 + 1,
             &body,
