@@ -450,9 +450,20 @@ impl Default for RouterConfig {
 }
 
 /// Makes each message's record from checked [`RouterConfig`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Router {
     config: RouterConfig,
+    /// The configuration is the default one: the record is the envelope to `KAFKA_TOPIC`.
+    plain: bool,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self {
+            config: RouterConfig::default(),
+            plain: true,
+        }
+    }
 }
 
 /// What `--route` shows of one message.
@@ -475,7 +486,11 @@ impl Router {
                 }
             }
         }
-        Ok(Self { config })
+        let plain = config.rules.is_empty()
+            && config.key == KeySetting::MqttTopic
+            && config.headers.is_empty()
+            && config.format == ValueFormat::Envelope;
+        Ok(Self { config, plain })
     }
 
     /// Pairs of rules whose topics may differ only in `.` against `_`, which Kafka treats as
@@ -504,17 +519,10 @@ impl Router {
 
     /// The record of a message.
     pub fn record(&self, message: Message) -> Record {
-        if message.dead_letter.is_some() || self.is_default() {
+        if message.dead_letter.is_some() || self.plain {
             return Record::from_message(message);
         }
         self.explain(message).record
-    }
-
-    fn is_default(&self) -> bool {
-        self.config.rules.is_empty()
-            && self.config.key == KeySetting::MqttTopic
-            && self.config.headers.is_empty()
-            && self.config.format == ValueFormat::Envelope
     }
 
     /// The record of a message and the rule that chose its topic.

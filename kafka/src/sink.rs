@@ -211,7 +211,7 @@ impl InFlight {
             if given_up.binary_search(&index).is_ok() {
                 continue;
             }
-            if record.topic == Topic::Unmapped {
+            if to.topic(record).is_none() {
                 metrics.dropped("unmapped", 1);
                 continue;
             }
