@@ -134,46 +134,13 @@ pub struct Template {
 impl Template {
     /// Parses `text`; `payload_fields` allows `{prop:…}` and `{json:…}`.
     fn parse(text: &str, payload_fields: bool) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        let mut rest = text;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Text(rest[..open].to_owned()));
-            }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| format!("unclosed {{ in {text:?}"))?;
-            let inner = &rest[open + 1..open + close];
-            parts.push(match inner {
-                "#" => Part::Hash,
-                "topic" => Part::Topic,
-                _ if inner.starts_with("prop:") && payload_fields => {
-                    Part::Property(inner["prop:".len()..].to_owned())
-                }
-                _ if inner.starts_with("json:") && payload_fields => {
-                    Part::Json(inner["json:".len()..].to_owned())
-                }
-                _ if !inner.is_empty() && inner.bytes().all(|b| b.is_ascii_digit()) => {
-                    match inner.parse::<usize>() {
-                        Ok(n) if n >= 1 => Part::Level(n),
-                        _ => return Err(format!("{{{inner}}}: levels count from 1")),
-                    }
-                }
-                _ if !inner.is_empty()
-                    && inner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
-                {
-                    Part::Name(inner.to_owned())
-                }
-                _ => return Err(format!("unknown placeholder {{{inner}}}")),
-            });
-            rest = &rest[open + close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Text(rest.to_owned()));
-        }
-        if text.contains('}') && parts.iter().all(|p| matches!(p, Part::Text(_))) {
-            return Err(format!("unopened }} in {text:?}"));
-        }
+        let parts = pieces(text)?
+            .into_iter()
+            .map(|piece| match piece {
+                Piece::Text(text) => Ok(Part::Text(text.to_owned())),
+                Piece::Placeholder(inner) => placeholder(inner, payload_fields),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { parts })
     }
 
@@ -218,6 +185,64 @@ impl Template {
             }
         }
     }
+}
+
+/// A piece of a template: text, or what is between `{` and `}`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Text(&'a str),
+    Placeholder(&'a str),
+}
+
+/// Splits a template into text and `{…}` placeholders; `Err` for an unclosed `{` or a `}`
+/// without its `{`.
+pub fn pieces(text: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        if rest[..open].contains('}') {
+            return Err(format!("unopened }} in {text:?}"));
+        }
+        if open > 0 {
+            pieces.push(Piece::Text(&rest[..open]));
+        }
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed {{ in {text:?}"))?;
+        pieces.push(Piece::Placeholder(&rest[open + 1..open + close]));
+        rest = &rest[open + close + 1..];
+    }
+    if rest.contains('}') {
+        return Err(format!("unopened }} in {text:?}"));
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Text(rest));
+    }
+    Ok(pieces)
+}
+
+/// One placeholder of a routing template.
+fn placeholder(inner: &str, payload_fields: bool) -> Result<Part, String> {
+    Ok(match inner {
+        "#" => Part::Hash,
+        "topic" => Part::Topic,
+        _ if inner.starts_with("prop:") && payload_fields => {
+            Part::Property(inner["prop:".len()..].to_owned())
+        }
+        _ if inner.starts_with("json:") && payload_fields => {
+            Part::Json(inner["json:".len()..].to_owned())
+        }
+        _ if !inner.is_empty() && inner.bytes().all(|b| b.is_ascii_digit()) => {
+            match inner.parse::<usize>() {
+                Ok(n) if n >= 1 => Part::Level(n),
+                _ => return Err(format!("{{{inner}}}: levels count from 1")),
+            }
+        }
+        _ if !inner.is_empty() && inner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+            Part::Name(inner.to_owned())
+        }
+        _ => return Err(format!("unknown placeholder {{{inner}}}")),
+    })
 }
 
 /// One level of a filter source.

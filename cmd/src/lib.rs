@@ -17,6 +17,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use mkb_bridge::{Batcher, ack_channel};
+use mkb_downlink::{Downlink, DownlinkMetrics};
 use mkb_kafka::{KafkaMetrics, KafkaSink, KafkaStatus};
 use mkb_mqtt::{MqttMetrics, MqttSource, MqttStatus};
 use mkb_observability::{HealthServer, Readiness, ReadinessHandle};
@@ -96,6 +97,8 @@ pub struct Bridge {
     batcher: JoinHandle<()>,
     kafka: JoinHandle<()>,
     http: JoinHandle<()>,
+    /// The downlink task and its stop signal, when it runs.
+    downlink: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 /// Starts a bridge and runs it until `shutdown` completes, then drains it.
@@ -109,6 +112,10 @@ impl Bridge {
         let registry = Registry::new();
         let mqtt_metrics = MqttMetrics::new(&registry)?;
         let kafka_metrics = KafkaMetrics::new(&registry)?;
+        let downlink_metrics = match &config.downlink {
+            Some(_) => Some(DownlinkMetrics::new(&registry)?),
+            None => None,
+        };
 
         for (a, b) in config.router.colliding_rules() {
             warn!(
@@ -149,6 +156,17 @@ impl Bridge {
         let mqtt = tokio::spawn(source.run(message_tx, ack_watermark, async {
             let _ = mqtt_stopped.await;
         }));
+        let downlink = config
+            .downlink
+            .clone()
+            .zip(downlink_metrics)
+            .map(|(downlink, metrics)| {
+                let (stop, stopped) = oneshot::channel::<()>();
+                let task = tokio::spawn(Downlink::new(downlink, metrics).run(async {
+                    let _ = stopped.await;
+                }));
+                (stop, task)
+            });
         info!(
             mqtt = %format_args!("{}:{}", config.mqtt.host, config.mqtt.port),
             filters = ?config.mqtt.filters,
@@ -166,6 +184,7 @@ impl Bridge {
             batcher,
             kafka,
             http,
+            downlink,
         })
     }
 
@@ -196,6 +215,10 @@ impl Bridge {
         self.readiness
             .set(Readiness::NotReady("shutting down".to_owned()));
         stop(&mut self.stop_mqtt);
+        let downlink = self.downlink.take().map(|(stop, task)| {
+            let _ = stop.send(());
+            task
+        });
         let timeout = self.config.shutdown_timeout;
         let drained = tokio::time::timeout(timeout, async {
             for (name, task) in [
@@ -204,6 +227,10 @@ impl Bridge {
                 ("Kafka", &mut self.kafka),
             ] {
                 task.await.map_err(|e| Error::Task(name, e.to_string()))?;
+            }
+            if let Some(task) = downlink {
+                task.await
+                    .map_err(|e| Error::Task("downlink", e.to_string()))?;
             }
             Ok(())
         })
@@ -224,6 +251,9 @@ impl Bridge {
     }
 
     fn abort(&self) {
+        if let Some((_, task)) = &self.downlink {
+            task.abort();
+        }
         self.mqtt.abort();
         self.batcher.abort();
         self.kafka.abort();

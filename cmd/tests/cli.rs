@@ -123,6 +123,27 @@ fn every_bad_value_exits_64_with_one_line_naming_the_variable() {
             with_required(&[("KAFKA_TOPIC_SEPARATOR", "/")]),
             "KAFKA_TOPIC_SEPARATOR",
         ),
+        (
+            with_required(&[("DOWNLINK_KAFKA_TOPICS", "a,b/c")]),
+            "DOWNLINK_KAFKA_TOPICS",
+        ),
+        (
+            with_required(&[("DOWNLINK_OFFSET_RESET", "oldest")]),
+            "DOWNLINK_OFFSET_RESET",
+        ),
+        (
+            with_required(&[("DOWNLINK_MQTT_TOPIC", "cars/{vin}")]),
+            "DOWNLINK_MQTT_TOPIC",
+        ),
+        (
+            with_required(&[("DOWNLINK_VALUE_FORMAT", "xml")]),
+            "DOWNLINK_VALUE_FORMAT",
+        ),
+        (with_required(&[("DOWNLINK_QOS", "3")]), "DOWNLINK_QOS"),
+        (
+            with_required(&[("DOWNLINK_RETAIN", "sometimes")]),
+            "DOWNLINK_RETAIN",
+        ),
     ];
     for (env, variable) in &cases {
         let output = bridge(env, &[]);

@@ -203,3 +203,58 @@ impl KafkaReader {
         &self.received
     }
 }
+
+/// Creates `topic` with `partitions` partitions (a test's own downlink topic).
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    for result in results {
+        result.expect("topic created");
+    }
+}
+
+/// A producer for test records, keyed, with headers.
+pub struct KafkaWriter {
+    producer: rdkafka::producer::FutureProducer,
+}
+
+impl KafkaWriter {
+    pub fn new(brokers: &str) -> Self {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "1")
+            .create()
+            .expect("create producer");
+        Self { producer }
+    }
+
+    /// Writes one record and waits for Kafka's acknowledgement.
+    pub async fn write(&self, topic: &str, key: &str, value: &[u8], headers: &[(&str, &str)]) {
+        let mut owned = rdkafka::message::OwnedHeaders::new();
+        for (name, value) in headers {
+            owned = owned.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(*value),
+            });
+        }
+        let record = rdkafka::producer::FutureRecord::to(topic)
+            .key(key)
+            .payload(value)
+            .headers(owned);
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("Kafka takes the record");
+    }
+}

@@ -99,3 +99,83 @@ impl Drop for Publisher {
         self.task.abort();
     }
 }
+
+/// Messages a [`Subscriber`] received: topic and payload, in order.
+type Received = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// An MQTT subscriber for the downlink tests: a persistent session on `filter` at QoS 1 that
+/// keeps every message it receives, topic and payload, in order.
+pub struct Subscriber {
+    received: Received,
+    task: JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Connects to 127.0.0.1:`port`, subscribes to `filter` and waits for the SUBACK.
+    pub async fn connect(port: u16, filter: &str) -> Self {
+        let mut options = MqttOptions::new(format!("sub-{}", crate::unique()), "127.0.0.1", port);
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(false)
+            .set_max_packet_size(64 << 20, 64 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let received: Received = Arc::default();
+        let subscribed = Arc::new(AtomicU64::new(0));
+        let task = {
+            let (received, subscribed) = (received.clone(), subscribed.clone());
+            let filter = filter.to_owned();
+            tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            subscribed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Event::Incoming(Packet::Publish(publish))) => {
+                            received
+                                .lock()
+                                .expect("lock")
+                                .push((publish.topic, publish.payload.to_vec()));
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            })
+        };
+        crate::eventually(Duration::from_secs(10), "subscriber SUBACK", || {
+            let done = subscribed.load(Ordering::Relaxed) > 0;
+            async move { done.then_some(()) }
+        })
+        .await;
+        Self { received, task }
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<(String, Vec<u8>)> {
+        self.received.lock().expect("lock").clone()
+    }
+
+    /// Waits until `done` holds for what was received, failing the test after `deadline`.
+    pub async fn wait_until(
+        &self,
+        deadline: Duration,
+        what: &str,
+        done: impl Fn(&[(String, Vec<u8>)]) -> bool,
+    ) -> Vec<(String, Vec<u8>)> {
+        crate::eventually(deadline, what, || {
+            let received = self.received();
+            let ok = done(&received);
+            async move { ok.then_some(received) }
+        })
+        .await
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

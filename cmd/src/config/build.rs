@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use mkb_bridge::route::{HeaderSet, KeySetting, RouterConfig, Rule, ValueFormat};
 use mkb_bridge::{BatcherConfig, QoS, Router};
+use mkb_downlink::{DownlinkConfig, Format as DownlinkFormat, Render, TopicTemplate};
 use mkb_kafka::{KafkaConfig, SpoolConfig};
 use mkb_log::LogConfig;
 use mkb_mqtt::{AckMode, Credentials, MqttConfig, TlsConfig, TlsError, TlsFile};
@@ -73,10 +74,12 @@ pub(super) fn config(vars: &Vars, host_name: &str) -> Result<Config, ConfigError
         shutdown_timeout,
         deferred_acks,
     )?;
+    let downlink = downlink(vars, &mqtt, &kafka)?;
     Ok(Config {
         log,
         mqtt,
         kafka,
+        downlink,
         router: Arc::new(router),
         batcher,
         max_batch_size,
@@ -415,4 +418,85 @@ fn router(vars: &Vars, rules: Vec<Rule>, fallback: bool) -> Result<Router, Confi
             format!("a key template whose names a rule of the topic map defines ({e})"),
         )
     })
+}
+
+/// Publishes awaiting their acknowledgement at most, on the downlink.
+const DOWNLINK_IN_FLIGHT: usize = 1000;
+
+/// The downlink, when `DOWNLINK_KAFKA_TOPICS` is set: the uplink's connections (MQTT, and Kafka
+/// with its security properties), its own topics and rendering.
+fn downlink(
+    vars: &Vars,
+    mqtt: &MqttConfig,
+    kafka: &KafkaConfig,
+) -> Result<Option<DownlinkConfig>, ConfigError> {
+    let topics = vars.parse_opt("DOWNLINK_KAFKA_TOPICS", |value, name| {
+        let topics: Vec<String> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for topic in &topics {
+            let valid = match topic.strip_prefix("re:") {
+                Some(pattern) => regex::Regex::new(pattern).is_ok(),
+                None => kafka_topic(topic, name).is_ok(),
+            };
+            if !valid {
+                return Err(ConfigError::invalid(
+                    name,
+                    value,
+                    format!("Kafka topics or re:REGEX, comma-separated ({topic:?} is neither)"),
+                ));
+            }
+        }
+        Ok(topics)
+    })?;
+    let group_id = vars.get("DOWNLINK_GROUP_ID").to_owned();
+    let offset_reset = vars.parse("DOWNLINK_OFFSET_RESET", |value, name| match value {
+        "latest" | "earliest" => Ok(value.to_owned()),
+        _ => Err(ConfigError::invalid(name, value, "latest or earliest")),
+    })?;
+    let topic = vars.parse_opt("DOWNLINK_MQTT_TOPIC", |value, name| {
+        TopicTemplate::parse(value).map_err(|e| {
+            ConfigError::invalid(
+                name,
+                value,
+                format!("an MQTT topic template with {{key}}, {{header:NAME}}, {{kafka_topic}}, {{partition}} ({e})"),
+            )
+        })
+    })?;
+    let format = vars.parse("DOWNLINK_VALUE_FORMAT", |value, name| {
+        DownlinkFormat::parse(value)
+            .ok_or_else(|| ConfigError::invalid(name, value, "auto, raw, envelope or json"))
+    })?;
+    let render = Render {
+        topic,
+        format,
+        qos: vars.parse("DOWNLINK_QOS", qos)?,
+        retain: vars.parse("DOWNLINK_RETAIN", boolean)?,
+    };
+    let properties = kafka
+        .properties
+        .iter()
+        .filter(|(key, _)| {
+            ["security.", "sasl.", "ssl."]
+                .iter()
+                .any(|p| key.starts_with(p))
+        })
+        .cloned()
+        .collect();
+    Ok(topics
+        .filter(|t| !t.is_empty())
+        .map(|topics| DownlinkConfig {
+            brokers: kafka.brokers.clone(),
+            properties,
+            topics,
+            group_id,
+            offset_reset,
+            render,
+            max_in_flight: DOWNLINK_IN_FLIGHT,
+            commit_interval: Duration::from_millis(250),
+            mqtt: mqtt.clone(),
+        }))
 }

@@ -38,6 +38,8 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub kafka: KafkaConfig,
+    /// The Kafka → MQTT direction, when `DOWNLINK_KAFKA_TOPICS` is set.
+    pub downlink: Option<mkb_downlink::DownlinkConfig>,
     /// What each message becomes in Kafka: topic, key, headers, value.
     pub router: Arc<Router>,
     pub batcher: BatcherConfig,

@@ -259,6 +259,44 @@ pub const VARIABLES: &[Variable] = &[
         "when both tiers are full: block (take no more; the MQTT broker keeps QoS 1/2 \
          messages), drop-oldest or drop-newest (counted in bridge_records_dropped_total)",
     ),
+    var(
+        "DOWNLINK_KAFKA_TOPICS",
+        None,
+        "downlink: comma-separated Kafka topics (re: prefix for a regex) whose records are \
+         published to MQTT, offsets committed after the broker's acknowledgement; unset: off",
+    ),
+    var(
+        "DOWNLINK_GROUP_ID",
+        Some("mqtt-kafka-bridge-downlink"),
+        "downlink Kafka consumer group (replicas share the partitions)",
+    ),
+    var(
+        "DOWNLINK_OFFSET_RESET",
+        Some("latest"),
+        "downlink: where a group without committed offsets starts, latest or earliest",
+    ),
+    var(
+        "DOWNLINK_MQTT_TOPIC",
+        None,
+        "downlink MQTT topic template: {key}, {header:NAME}, {kafka_topic}, {partition}; unset: \
+         the record's mqtt.topic header, else the topic of a Metamorphosis envelope value",
+    ),
+    var(
+        "DOWNLINK_VALUE_FORMAT",
+        Some("auto"),
+        "downlink payload: auto (an envelope is decoded, anything else sent as it is), raw, \
+         envelope or json (the uplink's formats, reversed)",
+    ),
+    var(
+        "DOWNLINK_QOS",
+        Some("1"),
+        "downlink QoS, 0, 1 or 2 (a record's mqtt.qos header overrides it)",
+    ),
+    var(
+        "DOWNLINK_RETAIN",
+        Some("false"),
+        "downlink retain flag (a record's mqtt.retain header overrides it)",
+    ),
     var("HEALTH_ADDR", Some("0.0.0.0"), "address of the HTTP server"),
     var(
         "HEALTH_PORT",

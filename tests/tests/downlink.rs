@@ -1,0 +1,346 @@
+//! The downlink against real Mosquitto and tansu: records written to Kafka reach an MQTT
+//! subscriber byte for byte, in key order, through a broker restart and through kill -9 of the
+//! bridge (at least once), and a record without a usable topic never blocks its partition.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mkb_tests::kafka::{KafkaWriter, create_topic};
+use mkb_tests::mqtt::Subscriber;
+use mkb_tests::{
+    BridgeProcess, Mosquitto, Publisher, RunningBridge, Tansu, bridge_config, bridge_env, brokers,
+    eventually, init_logging, metric_value,
+};
+use rumqttc::QoS;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Fresh brokers and a downlink topic of `partitions` partitions.
+struct Setup {
+    kafka: Tansu,
+    mqtt: Mosquitto,
+    /// The uplink's Kafka topic (unused by most of these tests).
+    topic: String,
+    /// The downlink's Kafka topic.
+    commands: String,
+}
+
+impl Setup {
+    async fn new(partitions: i32) -> Self {
+        let (kafka, mqtt, topic) = brokers();
+        let commands = format!("commands-{}", mkb_tests::unique());
+        create_topic(&kafka.brokers(), &commands, partitions).await;
+        Self {
+            kafka,
+            mqtt,
+            topic,
+            commands,
+        }
+    }
+
+    /// A downlink reading the commands topic from the start, raw values, plus `extra`.
+    fn overrides<'a>(&'a self, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut overrides = vec![
+            ("DOWNLINK_KAFKA_TOPICS", self.commands.as_str()),
+            ("DOWNLINK_OFFSET_RESET", "earliest"),
+            ("DOWNLINK_VALUE_FORMAT", "raw"),
+        ];
+        overrides.extend_from_slice(extra);
+        overrides
+    }
+
+    /// An in-process bridge with [`Setup::overrides`], subscribed.
+    async fn bridge(&self, extra: &[(&str, &str)]) -> RunningBridge {
+        let config = bridge_config(
+            self.mqtt.port(),
+            self.kafka.port(),
+            &self.topic,
+            "unused/#",
+            &self.overrides(extra),
+        );
+        let bridge = RunningBridge::start(config).await.expect("bridge starts");
+        bridge.wait_subscribed().await;
+        bridge
+    }
+}
+
+/// The uplink writes MQTT messages to Kafka; the downlink reads them back and publishes them
+/// to other topics; a subscriber gets every payload byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_trip_returns_every_payload_byte_for_byte() {
+    init_logging();
+    let (kafka, mqtt, topic) = brokers();
+    let config = bridge_config(
+        mqtt.port(),
+        kafka.port(),
+        &topic,
+        "up/#",
+        &[
+            ("DOWNLINK_KAFKA_TOPICS", &topic),
+            ("DOWNLINK_OFFSET_RESET", "earliest"),
+            ("DOWNLINK_MQTT_TOPIC", "down/{key}"),
+        ],
+    );
+    let bridge = RunningBridge::start(config).await.expect("bridge starts");
+    bridge.wait_subscribed().await;
+    let subscriber = Subscriber::connect(mqtt.port(), "down/#").await;
+    let payloads: Vec<Vec<u8>> = vec![
+        b"plain".to_vec(),
+        Vec::new(),
+        (0..=255u8).collect(),
+        vec![b'x'; 100_000],
+    ];
+    let publisher = Publisher::connect(mqtt.port()).await;
+    for (n, payload) in payloads.iter().enumerate() {
+        publisher
+            .publish(&format!("up/{n}"), payload.clone(), QoS::AtLeastOnce)
+            .await;
+    }
+    let received = subscriber
+        .wait_until(DEADLINE, "every payload back", |r| {
+            r.len() >= payloads.len()
+        })
+        .await;
+    for (n, payload) in payloads.iter().enumerate() {
+        let topic = format!("down/up/{n}");
+        let back: Vec<&Vec<u8>> = received
+            .iter()
+            .filter(|(t, _)| *t == topic)
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(back, [payload], "{topic}");
+    }
+    eventually(
+        DEADLINE,
+        "the publishes acknowledged and counted",
+        || async {
+            let published = bridge
+                .metric("bridge_downlink_records_published_total")
+                .await;
+            (published >= payloads.len() as f64).then_some(())
+        },
+    )
+    .await;
+    bridge.stop().await.expect("clean stop");
+}
+
+/// Records keyed by device over three partitions: each device's commands reach MQTT in the
+/// order they were written. A record without a usable topic in the middle is skipped and
+/// counted; the records behind it still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_records_arrive_in_order_and_an_unroutable_one_never_blocks() {
+    init_logging();
+    let setup = Setup::new(3).await;
+    let (kafka, mqtt, commands) = (&setup.kafka, &setup.mqtt, &setup.commands);
+    let bridge = setup.bridge(&[]).await;
+    let subscriber = Subscriber::connect(mqtt.port(), "cars/#").await;
+    let writer = KafkaWriter::new(&kafka.brokers());
+    let count = 300;
+    for n in 0..count {
+        let car = format!("car-{}", n % 5);
+        let mqtt_topic = format!("cars/{car}/cmd");
+        writer
+            .write(
+                commands,
+                &car,
+                n.to_string().as_bytes(),
+                &[("mqtt.topic", &mqtt_topic)],
+            )
+            .await;
+        if n == 100 {
+            // No mqtt.topic header, no template, not an envelope: nowhere to publish it.
+            writer.write(commands, "car-0", b"lost", &[]).await;
+        }
+    }
+    let received = subscriber
+        .wait_until(DEADLINE, "every command", |r| r.len() >= count)
+        .await;
+    let mut per_car: HashMap<&str, Vec<u64>> = HashMap::new();
+    for (topic, payload) in &received {
+        let n: u64 = std::str::from_utf8(payload)
+            .expect("UTF-8")
+            .parse()
+            .expect("a number");
+        per_car.entry(topic.as_str()).or_default().push(n);
+    }
+    for (car, numbers) in &per_car {
+        assert!(
+            numbers.windows(2).all(|w| w[0] < w[1]),
+            "{car}: {numbers:?}"
+        );
+    }
+    assert_eq!(per_car.values().map(Vec::len).sum::<usize>(), count);
+    let metrics = bridge.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "bridge_downlink_errors_total{kind=\"unroutable\"}"
+        ),
+        1.0
+    );
+    bridge.stop().await.expect("clean stop");
+}
+
+/// Mosquitto restarted in the middle of the stream: the publishes in flight are sent again on
+/// the new connection; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_nothing() {
+    init_logging();
+    let mut setup = Setup::new(1).await;
+    let bridge = setup
+        .bridge(&[("DOWNLINK_MQTT_TOPIC", "restart/{key}")])
+        .await;
+    let (kafka, commands) = (&setup.kafka, setup.commands.clone());
+    let writer = KafkaWriter::new(&kafka.brokers());
+    let count = 2000u64;
+    for n in 0..count / 2 {
+        writer
+            .write(&commands, "k", n.to_string().as_bytes(), &[])
+            .await;
+    }
+    // The broker forgets everything (no persistence): the subscriber connects afterwards.
+    setup.mqtt.restart();
+    let subscriber = Subscriber::connect(setup.mqtt.port(), "restart/#").await;
+    for n in count / 2..count {
+        writer
+            .write(&commands, "k", n.to_string().as_bytes(), &[])
+            .await;
+    }
+    let received = subscriber
+        .wait_until(DEADLINE, "the records written after the restart", |r| {
+            let seen: std::collections::HashSet<&[u8]> =
+                r.iter().map(|(_, p)| p.as_slice()).collect();
+            (count / 2..count).all(|n| seen.contains(n.to_string().as_bytes()))
+        })
+        .await;
+    eprintln!(
+        "after the broker restart: {} publishes received",
+        received.len()
+    );
+    bridge.stop().await.expect("clean stop");
+}
+
+/// kill -9 of the bridge five times while 10,000 records go out: every record reaches the
+/// subscriber at least once (a record is committed only after the broker acknowledged it), and
+/// a restarted bridge goes on from its commits rather than from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_five_times_loses_no_record() {
+    init_logging();
+    let setup = Setup::new(2).await;
+    let (kafka, mqtt, commands) = (&setup.kafka, &setup.mqtt, &setup.commands);
+    let subscriber = Subscriber::connect(mqtt.port(), "killed/#").await;
+    let env = bridge_env(
+        mqtt.port(),
+        kafka.port(),
+        &setup.topic,
+        "unused/#",
+        &setup.overrides(&[
+            ("DOWNLINK_MQTT_TOPIC", "killed/{key}"),
+            ("MQTT_CLIENT_ID", "downlink-killed"),
+        ]),
+    );
+    let count = 10_000u64;
+    // Written at about 250 a second while the bridges come and go (each takes seconds to join
+    // the consumer group).
+    let writer = KafkaWriter::new(&kafka.brokers());
+    let produce = {
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            for n in 0..count {
+                let key = format!("k{}", n % 4);
+                writer
+                    .write(&commands, &key, n.to_string().as_bytes(), &[])
+                    .await;
+                tokio::time::sleep_until(started + Duration::from_millis(n * 4)).await;
+            }
+        })
+    };
+    let distinct = |received: &[(String, Vec<u8>)]| {
+        received
+            .iter()
+            .map(|(_, p)| p.as_slice())
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64
+    };
+    let mut kills = 0;
+    while kills < 5 && distinct(&subscriber.received()) < count {
+        let before = subscriber.received().len();
+        let mut bridge = BridgeProcess::start(&env);
+        bridge.wait_subscribed().await;
+        eventually(DEADLINE, "the downlink publishing", || {
+            let now = subscriber.received().len();
+            async move { (now > before).then_some(()) }
+        })
+        .await;
+        // Killed at a random moment, wherever the publishes and commits are.
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..800))).await;
+        bridge.kill();
+        kills += 1;
+        let received = subscriber.received();
+        eprintln!(
+            "kill {kills}: {} publishes received, {} distinct",
+            received.len(),
+            distinct(&received)
+        );
+    }
+    produce.await.expect("producer");
+    let mut bridge = BridgeProcess::start(&env);
+    bridge.wait_subscribed().await;
+    let received = subscriber
+        .wait_until(
+            Duration::from_secs(120),
+            "every record at least once",
+            |r| distinct(r) >= count,
+        )
+        .await;
+    eprintln!(
+        "10,000 records, {kills} kills: {} publishes received, {} duplicates",
+        received.len(),
+        received.len() as u64 - count
+    );
+    assert!(
+        kills >= 3,
+        "the bridge was killed while publishing ({kills} times)"
+    );
+    bridge.terminate();
+    bridge.wait(Duration::from_secs(30));
+}
+
+/// Committed offsets hold across restarts: a bridge started again after a clean stop does not
+/// publish what was acknowledged before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_publishes_only_what_was_not_acknowledged() {
+    init_logging();
+    let setup = Setup::new(1).await;
+    let (kafka, mqtt, commands) = (&setup.kafka, &setup.mqtt, &setup.commands);
+    let overrides = [
+        ("DOWNLINK_MQTT_TOPIC", "again/{key}"),
+        ("MQTT_CLIENT_ID", "downlink-restart"),
+    ];
+    let subscriber = Subscriber::connect(mqtt.port(), "again/#").await;
+    let writer = KafkaWriter::new(&kafka.brokers());
+    for n in 0..50u64 {
+        writer
+            .write(commands, "k", n.to_string().as_bytes(), &[])
+            .await;
+    }
+    let bridge = setup.bridge(&overrides).await;
+    subscriber
+        .wait_until(DEADLINE, "the first 50", |r| r.len() >= 50)
+        .await;
+    bridge.stop().await.expect("clean stop");
+    for n in 50..60u64 {
+        writer
+            .write(commands, "k", n.to_string().as_bytes(), &[])
+            .await;
+    }
+    let bridge = setup.bridge(&overrides).await;
+    let received = subscriber
+        .wait_until(DEADLINE, "the next 10", |r| {
+            r.iter().any(|(_, p)| p.as_slice() == b"59")
+        })
+        .await;
+    assert_eq!(received.len(), 60, "nothing published twice: {received:?}");
+    bridge.stop().await.expect("clean stop");
+}
