@@ -245,6 +245,7 @@ impl Downlink {
         let mut commit = tokio::time::interval(self.config.commit_interval);
         let mut backoff =
             mkb_mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut last_kafka_warning: Option<tokio::time::Instant> = None;
         tokio::pin!(shutdown);
         loop {
             let reading = self.offsets.in_flight() < self.config.max_in_flight;
@@ -288,12 +289,19 @@ impl Downlink {
                     }
                     self.metrics.in_flight.set(0);
                     link = Link::new(&self.config);
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
                 }
                 Wake::Kafka(Ok(record)) => self.on_record(&mut link, record),
                 Wake::Kafka(Err(e)) => {
                     self.metrics.errors.with_label_values(&["kafka"]).inc();
-                    warn!(error = %e, "Downlink: Kafka consumer error.");
+                    // librdkafka reports every failed attempt while Kafka is down.
+                    if last_kafka_warning.is_none_or(|at| at.elapsed() >= WARN_INTERVAL) {
+                        warn!(error = %e, "Downlink: Kafka consumer error.");
+                        last_kafka_warning = Some(tokio::time::Instant::now());
+                    }
                 }
                 Wake::Commit => self.commit(&consumer),
             }
@@ -455,6 +463,9 @@ impl rdkafka::consumer::ConsumerContext for DownlinkContext {
         }
     }
 }
+
+/// At most one warning about consumer errors per this interval.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for acknowledgements in flight.
 const DRAIN: Duration = Duration::from_secs(2);
