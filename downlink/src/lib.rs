@@ -13,7 +13,8 @@
 //! other. When it fails, every publish in flight is abandoned: the consumer is sent back to the
 //! first unacknowledged record of each partition and a fresh connection publishes them again
 //! (duplicates, never loss). A record without a usable MQTT topic, or whose value is not in the
-//! configured format, is counted, logged and skipped; it never blocks its partition.
+//! configured format, is counted, logged and written to the dead-letter topic when one is set
+//! (committed once Kafka has it); it never blocks its partition.
 
 mod offsets;
 pub mod render;
@@ -23,12 +24,15 @@ use std::future::Future;
 use std::time::Duration;
 
 use mkb_bridge::QoS;
+use mkb_bridge::dead_letter;
 use mkb_mqtt::MqttConfig;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Transport};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use offsets::{Offsets, Partition};
@@ -51,6 +55,9 @@ pub struct DownlinkConfig {
     pub max_in_flight: usize,
     /// How often acknowledged positions are committed.
     pub commit_interval: Duration,
+    /// `KAFKA_DLQ_TOPIC`: where records without a usable topic or payload go; unset: they
+    /// are counted and skipped.
+    pub dead_letter_topic: Option<String>,
     /// The uplink's MQTT connection settings; the downlink connects with them as
     /// `<client id>-downlink`.
     pub mqtt: MqttConfig,
@@ -78,7 +85,8 @@ impl DownlinkMetrics {
         let errors = IntCounterVec::new(
             Opts::new(
                 "bridge_downlink_errors_total",
-                "Downlink errors, by kind: unroutable (a record skipped), mqtt, kafka, commit.",
+                "Downlink errors, by kind: unroutable (a record given up on), dead_letter (its \
+                 dead letter not written either), mqtt, kafka, commit.",
             ),
             &["kind"],
         )?;
@@ -143,6 +151,8 @@ impl Link {
 /// What woke the task.
 enum Wake {
     Stop,
+    /// A dead letter was written (or could not be): its record is done.
+    DeadLettered(Partition, i64),
     Mqtt(Result<Event, rumqttc::ConnectionError>),
     Kafka(Result<Owned, String>),
     Commit,
@@ -180,15 +190,93 @@ pub struct Downlink {
     config: DownlinkConfig,
     metrics: DownlinkMetrics,
     offsets: Offsets,
+    /// Writes dead letters, when a dead-letter topic is set.
+    producer: Option<FutureProducer>,
+    /// Records whose dead letter was written (or failed), reported back to the task.
+    dead_letters: (
+        mpsc::UnboundedSender<Position>,
+        mpsc::UnboundedReceiver<Position>,
+    ),
 }
+
+/// A record's place: its partition and offset.
+type Position = (Partition, i64);
 
 impl Downlink {
     pub fn new(config: DownlinkConfig, metrics: DownlinkMetrics) -> Self {
+        let producer = config.dead_letter_topic.as_ref().and_then(|_| {
+            let mut client = ClientConfig::new();
+            client
+                .set("bootstrap.servers", &config.brokers)
+                .set("acks", "all")
+                .set("message.timeout.ms", "30000")
+                .set("log.connection.close", "false");
+            for (key, value) in &config.properties {
+                client.set(key, value);
+            }
+            client
+                .create()
+                .inspect_err(|e| warn!(error = %e, "Downlink: no dead-letter producer."))
+                .ok()
+        });
         Self {
             config,
             metrics,
             offsets: Offsets::default(),
+            producer,
+            dead_letters: mpsc::unbounded_channel(),
         }
+    }
+
+    /// Writes the dead letter of a record given up on: its key, value and headers, and
+    /// headers saying why. The record is done once Kafka has it, or once that failed (counted
+    /// and logged). Without a dead-letter topic it is done at once.
+    fn dead_letter(&mut self, record: Owned, reason: &str) {
+        let (Some(producer), Some(topic)) = (&self.producer, &self.config.dead_letter_topic) else {
+            self.offsets.done(&record.partition, record.offset);
+            return;
+        };
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 5);
+        let ours = [
+            (dead_letter::REASON, "downlink_unroutable".to_owned()),
+            (dead_letter::KAFKA_TOPIC, record.partition.0.clone()),
+            ("mqtt.dlq.partition", record.partition.1.to_string()),
+            ("mqtt.dlq.offset", record.offset.to_string()),
+            (dead_letter::ERROR, reason.to_owned()),
+        ];
+        for (key, value) in &ours {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_slice()),
+            });
+        }
+        let mut letter = FutureRecord::to(topic)
+            .payload(&record.value)
+            .headers(headers);
+        if let Some(key) = &record.key {
+            letter = letter.key(key);
+        }
+        // The error owns the record back: keep only the error, so nothing borrowed escapes.
+        let delivery = producer.send_result(letter).map_err(|(e, _)| e);
+        let (done, errors) = (self.dead_letters.0.clone(), self.metrics.errors.clone());
+        let (partition, offset) = (record.partition, record.offset);
+        tokio::spawn(async move {
+            let written = match delivery {
+                Ok(delivery) => delivery.await.ok().and_then(|r| r.err().map(|(e, _)| e)),
+                Err(e) => Some(e),
+            };
+            if let Some(e) = written {
+                errors.with_label_values(&["dead_letter"]).inc();
+                warn!(error = %e, "Downlink: dead letter not written; the record is dropped.");
+            }
+            let _ = done.send((partition, offset));
+        });
     }
 
     fn consumer(&self) -> Result<StreamConsumer<DownlinkContext>, rdkafka::error::KafkaError> {
@@ -255,6 +343,9 @@ impl Downlink {
                 // Before the event loop: a steady stream of acknowledgements keeps it always
                 // ready, and would otherwise hold commits back until the stream pauses.
                 _ = commit.tick() => Wake::Commit,
+                Some((partition, offset)) = self.dead_letters.1.recv() => {
+                    Wake::DeadLettered(partition, offset)
+                }
                 event = link.eventloop.poll() => Wake::Mqtt(event),
                 message = consumer.recv(), if reading => {
                     Wake::Kafka(message.map(|m| Owned::of(&m)).map_err(|e| e.to_string()))
@@ -295,6 +386,10 @@ impl Downlink {
                     }
                 }
                 Wake::Kafka(Ok(record)) => self.on_record(&mut link, record),
+                Wake::DeadLettered(partition, offset) => {
+                    self.offsets.done(&partition, offset);
+                    self.metrics.in_flight.set(self.offsets.in_flight() as i64);
+                }
                 Wake::Kafka(Err(e)) => {
                     self.metrics.errors.with_label_values(&["kafka"]).inc();
                     // librdkafka reports every failed attempt while Kafka is down.
@@ -327,9 +422,9 @@ impl Downlink {
                 warn!(
                     topic = %record.partition.0, partition = record.partition.1,
                     offset = record.offset, reason = %reason,
-                    "Downlink record skipped."
+                    "Downlink record without a usable topic or payload; skipped."
                 );
-                self.offsets.done(&record.partition, record.offset);
+                self.dead_letter(record, &reason);
                 return;
             }
         };

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use mkb_tests::kafka::{KafkaWriter, create_topic};
+use mkb_tests::kafka::{KafkaReader, KafkaWriter, create_topic};
 use mkb_tests::mqtt::Subscriber;
 use mkb_tests::{
     BridgeProcess, Mosquitto, Publisher, RunningBridge, Tansu, bridge_config, bridge_env, brokers,
@@ -132,7 +132,8 @@ async fn keyed_records_arrive_in_order_and_an_unroutable_one_never_blocks() {
     init_logging();
     let setup = Setup::new(3).await;
     let (kafka, mqtt, commands) = (&setup.kafka, &setup.mqtt, &setup.commands);
-    let bridge = setup.bridge(&[]).await;
+    let dlq = format!("dlq-{}", mkb_tests::unique());
+    let bridge = setup.bridge(&[("KAFKA_DLQ_TOPIC", &dlq)]).await;
     let subscriber = Subscriber::connect(mqtt.port(), "cars/#").await;
     let writer = KafkaWriter::new(&kafka.brokers());
     let count = 300;
@@ -177,6 +178,25 @@ async fn keyed_records_arrive_in_order_and_an_unroutable_one_never_blocks() {
             "bridge_downlink_errors_total{kind=\"unroutable\"}"
         ),
         1.0
+    );
+    // The unroutable record is in the dead-letter topic, with why.
+    let mut reader = KafkaReader::new_raw(&kafka.brokers(), &dlq).await;
+    let letter = reader.read_exactly(1, DEADLINE).await[0].clone();
+    assert_eq!(letter.value, b"lost");
+    assert_eq!(letter.key.as_deref(), Some(&b"car-0"[..]));
+    assert_eq!(
+        letter.header("mqtt.dlq.reason").as_deref(),
+        Some("downlink_unroutable")
+    );
+    assert_eq!(
+        letter.header("mqtt.dlq.topic").as_deref(),
+        Some(commands.as_str())
+    );
+    assert!(
+        letter
+            .header("mqtt.dlq.error")
+            .unwrap_or_default()
+            .contains("no MQTT topic")
     );
     bridge.stop().await.expect("clean stop");
 }

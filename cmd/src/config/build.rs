@@ -497,6 +497,7 @@ fn downlink(
             render,
             max_in_flight: DOWNLINK_IN_FLIGHT,
             commit_interval: Duration::from_millis(250),
+            dead_letter_topic: kafka.dead_letter_topic.clone(),
             mqtt: mqtt.clone(),
         }))
 }
