@@ -144,6 +144,16 @@ fn every_bad_value_exits_64_with_one_line_naming_the_variable() {
             with_required(&[("DOWNLINK_RETAIN", "sometimes")]),
             "DOWNLINK_RETAIN",
         ),
+        (
+            vec![
+                ("KAFKA_TOPIC", "t"),
+                ("MQTT_TOPIC", "cars/#"),
+                ("DOWNLINK_KAFKA_TOPICS", "commands"),
+                ("DOWNLINK_MQTT_TOPIC", "cars/{key}/commands"),
+            ],
+            "invalid DOWNLINK_MQTT_TOPIC=\"cars/{key}/commands\": expected topics the uplink's \
+             MQTT_TOPIC does not subscribe to (cars/# can match them",
+        ),
     ];
     for (env, variable) in &cases {
         let output = bridge(env, &[]);

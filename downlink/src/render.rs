@@ -64,6 +64,43 @@ impl TopicTemplate {
     }
 }
 
+impl TopicTemplate {
+    /// Whether a topic this template renders can match the MQTT subscription `filter`: then
+    /// the bridge's uplink would read back its own downlink publishes. A level holding a
+    /// placeholder may become anything, `/` included, so from there on it is taken to match.
+    pub fn may_match(&self, filter: &str) -> bool {
+        let filter = match filter.strip_prefix("$share/") {
+            Some(rest) => rest.split_once('/').map_or(rest, |(_, inner)| inner),
+            None => filter,
+        };
+        let mut rendered = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(text) => rendered.push_str(text),
+                // Nothing a topic holds: marks where anything may appear.
+                _ => rendered.push('\0'),
+            }
+        }
+        let levels: Vec<&str> = rendered.split('/').collect();
+        let filter_levels: Vec<&str> = filter.split('/').collect();
+        for (i, wanted) in filter_levels.iter().enumerate() {
+            if *wanted == "#" {
+                return true;
+            }
+            let Some(level) = levels.get(i) else {
+                return false;
+            };
+            if level.contains('\0') {
+                return true;
+            }
+            if *wanted != "+" && wanted != level {
+                return false;
+            }
+        }
+        levels.len() == filter_levels.len()
+    }
+}
+
 /// One Kafka record, as the downlink reads it.
 pub struct Incoming<'a> {
     pub topic: &'a str,
@@ -294,6 +331,31 @@ mod tests {
             .publish(&record(None, &headers, b"x"))
             .expect("publish");
         assert_eq!((publish.qos, publish.retain), (QoS::AtMostOnce, true));
+    }
+
+    #[test]
+    fn a_template_may_match_a_filter_where_its_topics_could() {
+        let template = |t: &str| TopicTemplate::parse(t).expect("template");
+        for (t, filter, expected) in [
+            ("cars/{key}/commands", "cars/#", true),
+            ("cars/{key}/commands", "cars/+/telemetry", true),
+            ("cars/{key}/commands", "trucks/#", false),
+            ("down/{key}", "up/#", false),
+            ("cmd/fixed", "cmd/fixed", true),
+            ("cmd/fixed", "cmd/+", true),
+            ("cmd/fixed", "cmd", false),
+            ("cmd/fixed/x", "cmd/+", false),
+            ("cmd", "cmd/#", true),
+            ("{kafka_topic}", "anything/at/all", true),
+            ("cars/{key}/commands", "$share/g/cars/#", true),
+            ("cars/{key}/commands", "$share/g/trucks/#", false),
+        ] {
+            assert_eq!(
+                template(t).may_match(filter),
+                expected,
+                "{t} against {filter}"
+            );
+        }
     }
 
     #[test]

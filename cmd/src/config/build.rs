@@ -470,6 +470,23 @@ fn downlink(
         DownlinkFormat::parse(value)
             .ok_or_else(|| ConfigError::invalid(name, value, "auto, raw, envelope or json"))
     })?;
+    // The downlink publishes on a connection of its own, so MQTT 5's No Local would not keep
+    // the uplink from reading those publishes back: a template that can match an uplink filter
+    // is refused unless the overlap is intended.
+    let allow_overlap = vars.parse("DOWNLINK_ALLOW_OVERLAP", boolean)?;
+    if let (Some(template), Some(_), false) = (&topic, &topics, allow_overlap)
+        && let Some(filter) = mqtt.filters.iter().find(|f| template.may_match(f))
+    {
+        return Err(ConfigError::invalid(
+            "DOWNLINK_MQTT_TOPIC",
+            vars.opt("DOWNLINK_MQTT_TOPIC").unwrap_or_default(),
+            format!(
+                "topics the uplink's MQTT_TOPIC does not subscribe to ({filter} can match them: \
+                 the bridge would read back its own publishes); set DOWNLINK_ALLOW_OVERLAP=true \
+                 if that is intended"
+            ),
+        ));
+    }
     let render = Render {
         topic,
         format,

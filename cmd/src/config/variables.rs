@@ -297,6 +297,12 @@ pub const VARIABLES: &[Variable] = &[
         Some("false"),
         "downlink retain flag (a record's mqtt.retain header overrides it)",
     ),
+    var(
+        "DOWNLINK_ALLOW_OVERLAP",
+        Some("false"),
+        "true lets DOWNLINK_MQTT_TOPIC publish where MQTT_TOPIC subscribes (the uplink then \
+         reads the downlink's publishes back); false refuses such a start",
+    ),
     var("HEALTH_ADDR", Some("0.0.0.0"), "address of the HTTP server"),
     var(
         "HEALTH_PORT",
