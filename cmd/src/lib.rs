@@ -17,7 +17,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use mkb_bridge::{Batcher, ack_channel};
-use mkb_downlink::{Downlink, DownlinkMetrics};
+use mkb_downlink::{Downlink, DownlinkMetrics, DownlinkStatus};
 use mkb_kafka::{KafkaMetrics, KafkaSink, KafkaStatus};
 use mkb_mqtt::{MqttMetrics, MqttSource, MqttStatus};
 use mkb_observability::{HealthServer, Readiness, ReadinessHandle};
@@ -147,26 +147,28 @@ impl Bridge {
         let batcher = tokio::spawn(batcher.run(message_rx, batch_tx));
         let (stop_mqtt, mqtt_stopped) = oneshot::channel::<()>();
         let source = MqttSource::new(config.mqtt.clone(), mqtt_metrics);
+        let downlink = config
+            .downlink
+            .clone()
+            .zip(downlink_metrics)
+            .map(|(downlink, metrics)| Downlink::new(downlink, metrics));
         tokio::spawn(track_readiness(
             source.status(),
             sink.status(),
+            downlink.as_ref().map(Downlink::status),
             readiness.clone(),
         ));
         let kafka = tokio::spawn(sink.run(batch_rx));
         let mqtt = tokio::spawn(source.run(message_tx, ack_watermark, async {
             let _ = mqtt_stopped.await;
         }));
-        let downlink = config
-            .downlink
-            .clone()
-            .zip(downlink_metrics)
-            .map(|(downlink, metrics)| {
-                let (stop, stopped) = oneshot::channel::<()>();
-                let task = tokio::spawn(Downlink::new(downlink, metrics).run(async {
-                    let _ = stopped.await;
-                }));
-                (stop, task)
-            });
+        let downlink = downlink.map(|downlink| {
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(downlink.run(async {
+                let _ = stopped.await;
+            }));
+            (stop, task)
+        });
         info!(
             mqtt = %format_args!("{}:{}", config.mqtt.host, config.mqtt.port),
             filters = ?config.mqtt.filters,
@@ -263,10 +265,25 @@ impl Bridge {
 
 /// `/readyz`: ready while every MQTT filter is subscribed and Kafka either accepts writes or
 /// the bridge can still hold what it cannot deliver.
-fn readiness(mqtt: &MqttStatus, kafka: &KafkaStatus) -> Readiness {
+fn readiness(
+    mqtt: &MqttStatus,
+    kafka: &KafkaStatus,
+    downlink: Option<&DownlinkStatus>,
+) -> Readiness {
     if !mqtt.subscribed {
         let why = mqtt.last_error.as_deref().unwrap_or("connecting");
         return Readiness::NotReady(format!("MQTT not subscribed: {why}"));
+    }
+    if let Some(downlink) = downlink {
+        if !downlink.connected {
+            let why = downlink.last_error.as_deref().unwrap_or("connecting");
+            return Readiness::NotReady(format!("downlink MQTT connection not up: {why}"));
+        }
+        if !downlink.assigned {
+            return Readiness::NotReady(
+                "downlink waiting for its Kafka partitions (DOWNLINK_GROUP_ID)".to_owned(),
+            );
+        }
     }
     if let (true, Some(why)) = (kafka.failing, &kafka.spool_error) {
         return Readiness::NotReady(format!(
@@ -281,20 +298,31 @@ fn readiness(mqtt: &MqttStatus, kafka: &KafkaStatus) -> Readiness {
     Readiness::Ready
 }
 
-/// Keeps `/readyz` in step with both sides until either stops reporting.
+/// Keeps `/readyz` in step with both sides (and the downlink, when it runs) until one of them
+/// stops reporting.
 async fn track_readiness(
     mut mqtt: watch::Receiver<MqttStatus>,
     mut kafka: watch::Receiver<KafkaStatus>,
+    mut downlink: Option<watch::Receiver<DownlinkStatus>>,
     handle: ReadinessHandle,
 ) {
     loop {
+        let downlink_status = downlink.as_mut().map(|d| d.borrow_and_update().clone());
         handle.set(readiness(
             &mqtt.borrow_and_update(),
             &kafka.borrow_and_update(),
+            downlink_status.as_ref(),
         ));
+        let watching_downlink = downlink.is_some();
         tokio::select! {
             changed = mqtt.changed() => if changed.is_err() { return },
             changed = kafka.changed() => if changed.is_err() { return },
+            changed = async {
+                match &mut downlink {
+                    Some(d) => d.changed().await,
+                    None => std::future::pending().await,
+                }
+            }, if watching_downlink => if changed.is_err() { return },
         }
     }
 }
@@ -302,5 +330,38 @@ async fn track_readiness(
 fn stop(signal: &mut Option<oneshot::Sender<()>>) {
     if let Some(signal) = signal.take() {
         let _ = signal.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_waits_for_the_downlink_s_connection_and_partitions() {
+        let mqtt = MqttStatus {
+            connected: true,
+            subscribed: true,
+            last_error: None,
+        };
+        let kafka = KafkaStatus::default();
+        assert_eq!(readiness(&mqtt, &kafka, None), Readiness::Ready);
+        let mut downlink = DownlinkStatus {
+            connected: false,
+            assigned: true,
+            last_error: Some("connection refused".to_owned()),
+        };
+        let not_ready = |downlink: &DownlinkStatus| match readiness(&mqtt, &kafka, Some(downlink)) {
+            Readiness::NotReady(why) => why,
+            Readiness::Ready => panic!("ready with {downlink:?}"),
+        };
+        assert!(
+            not_ready(&downlink).contains("downlink MQTT connection not up: connection refused")
+        );
+        downlink.connected = true;
+        downlink.assigned = false;
+        assert!(not_ready(&downlink).contains("waiting for its Kafka partitions"));
+        downlink.assigned = true;
+        assert_eq!(readiness(&mqtt, &kafka, Some(&downlink)), Readiness::Ready);
     }
 }

@@ -32,7 +32,10 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHead
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Transport};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use offsets::{Offsets, Partition};
@@ -192,6 +195,9 @@ pub struct Downlink {
     offsets: Offsets,
     /// Writes dead letters, when a dead-letter topic is set.
     producer: Option<FutureProducer>,
+    status: watch::Sender<DownlinkStatus>,
+    /// Set by the consumer's context once the group assigned partitions.
+    assigned: Arc<AtomicBool>,
     /// Records whose dead letter was written (or failed), reported back to the task.
     dead_letters: (
         mpsc::UnboundedSender<Position>,
@@ -224,8 +230,15 @@ impl Downlink {
             metrics,
             offsets: Offsets::default(),
             producer,
+            status: watch::channel(DownlinkStatus::default()).0,
+            assigned: Arc::default(),
             dead_letters: mpsc::unbounded_channel(),
         }
+    }
+
+    /// Follows the downlink's state.
+    pub fn status(&self) -> watch::Receiver<DownlinkStatus> {
+        self.status.subscribe()
     }
 
     /// Writes the dead letter of a record given up on: its key, value and headers, and
@@ -301,6 +314,7 @@ impl Downlink {
         let consumer: StreamConsumer<DownlinkContext> =
             client.create_with_context(DownlinkContext {
                 errors: self.metrics.errors.clone(),
+                assigned: self.assigned.clone(),
             })?;
         let topics: Vec<String> = self
             .config
@@ -357,12 +371,20 @@ impl Downlink {
                     if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
                         backoff.reset();
                         info!("Downlink connected to the MQTT broker.");
+                        self.status.send_modify(|s| {
+                            s.connected = true;
+                            s.last_error = None;
+                        });
                     }
                     self.on_event(&mut link, event);
                 }
                 Wake::Mqtt(Err(e)) => {
                     self.metrics.errors.with_label_values(&["mqtt"]).inc();
                     let delay = backoff.next_delay();
+                    self.status.send_modify(|s| {
+                        s.connected = false;
+                        s.last_error = Some(e.to_string());
+                    });
                     warn!(
                         error = %e, retry_in = ?delay,
                         "Downlink MQTT connection failed; publishing again what was in flight."
@@ -398,7 +420,13 @@ impl Downlink {
                         last_kafka_warning = Some(tokio::time::Instant::now());
                     }
                 }
-                Wake::Commit => self.commit(&consumer),
+                Wake::Commit => {
+                    self.commit(&consumer);
+                    let assigned = self.assigned.load(Ordering::Relaxed);
+                    self.status.send_if_modified(|s| {
+                        std::mem::replace(&mut s.assigned, assigned) != assigned
+                    });
+                }
             }
         }
         self.drain(&mut link, &consumer).await;
@@ -539,9 +567,11 @@ impl Downlink {
     }
 }
 
-/// The consumer's context: reports commits Kafka refused (they are made asynchronously).
+/// The consumer's context: reports commits Kafka refused (they are made asynchronously), and
+/// notes when the group gave this member its partitions.
 struct DownlinkContext {
     errors: IntCounterVec,
+    assigned: Arc<AtomicBool>,
 }
 
 impl rdkafka::ClientContext for DownlinkContext {}
@@ -557,6 +587,33 @@ impl rdkafka::consumer::ConsumerContext for DownlinkContext {
             warn!(error = %e, "Downlink: Kafka refused a commit; the next one covers it.");
         }
     }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        // An assignment, even an empty one (more replicas than partitions), means this member
+        // is in the group and takes its share.
+        if let rdkafka::consumer::Rebalance::Assign(partitions) = rebalance {
+            info!(
+                partitions = partitions.count(),
+                "Downlink: Kafka partitions assigned."
+            );
+            self.assigned.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The downlink's state, as readiness needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DownlinkStatus {
+    /// Its MQTT connection is up.
+    pub connected: bool,
+    /// The consumer group assigned this member its partitions (possibly none).
+    pub assigned: bool,
+    /// The latest MQTT connection problem.
+    pub last_error: Option<String>,
 }
 
 /// At most one warning about consumer errors per this interval.

@@ -9,7 +9,7 @@ use mkb_tests::kafka::{KafkaReader, KafkaWriter, create_topic};
 use mkb_tests::mqtt::Subscriber;
 use mkb_tests::{
     BridgeProcess, Mosquitto, Publisher, RunningBridge, Tansu, bridge_config, bridge_env, brokers,
-    eventually, init_logging, metric_value,
+    eventually, http_get, init_logging, metric_value,
 };
 use rumqttc::QoS;
 
@@ -83,6 +83,12 @@ async fn a_round_trip_returns_every_payload_byte_for_byte() {
     );
     let bridge = RunningBridge::start(config).await.expect("bridge starts");
     bridge.wait_subscribed().await;
+    // Ready once the downlink is connected and has its partitions, too.
+    eventually(DEADLINE, "/readyz 200 with the downlink", || async {
+        let readyz = http_get(bridge.health_addr, "/readyz").await;
+        readyz.starts_with("HTTP/1.1 200").then_some(())
+    })
+    .await;
     let subscriber = Subscriber::connect(mqtt.port(), "down/#").await;
     let payloads: Vec<Vec<u8>> = vec![
         b"plain".to_vec(),
