@@ -31,7 +31,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Transport};
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -122,25 +122,11 @@ struct Link {
 
 impl Link {
     fn new(config: &DownlinkConfig) -> Self {
-        let mqtt = &config.mqtt;
-        let mut options = MqttOptions::new(
-            format!("{}-downlink", mqtt.client_id),
-            &mqtt.host,
-            mqtt.port,
-        );
+        let client_id = format!("{}-downlink", config.mqtt.client_id);
+        let mut options = mkb_mqtt::options_311(&config.mqtt, &client_id);
         options
-            .set_keep_alive(mqtt.keep_alive)
             .set_clean_session(true)
-            .set_inflight(config.max_in_flight.clamp(1, 65_535) as u16)
-            .set_max_packet_size(mqtt.max_packet_size, mqtt.max_packet_size);
-        if let Some(tls) = &mqtt.tls {
-            options.set_transport(Transport::tls_with_config(
-                rumqttc::TlsConfiguration::NativeConnector(tls.clone()),
-            ));
-        }
-        if let Some(credentials) = &mqtt.credentials {
-            options.set_credentials(&credentials.username, &credentials.password);
-        }
+            .set_inflight(config.max_in_flight.clamp(1, 65_535) as u16);
         let (client, eventloop) = AsyncClient::new(options, config.max_in_flight + 16);
         Self {
             client,

@@ -74,6 +74,25 @@ pub(crate) enum Connection {
     },
 }
 
+/// MQTT 3.1.1 options for a connection to `config`'s broker as `client_id`: TLS, keep-alive,
+/// packet size limit and credentials as configured; session and acknowledgements are the
+/// caller's.
+pub fn options_311(config: &MqttConfig, client_id: &str) -> rumqttc::MqttOptions {
+    let mut options = rumqttc::MqttOptions::new(client_id, &config.host, config.port);
+    options
+        .set_keep_alive(config.keep_alive)
+        .set_max_packet_size(config.max_packet_size, config.max_packet_size);
+    if let Some(tls) = &config.tls {
+        options.set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::NativeConnector(tls.clone()),
+        ));
+    }
+    if let Some(credentials) = &config.credentials {
+        options.set_credentials(&credentials.username, &credentials.password);
+    }
+    options
+}
+
 /// Requests queued on the client before the event loop sends them (acknowledgements, subscribe,
 /// disconnect). Acks that find the channel full wait in the source task's own compact queue, so
 /// this only bounds memory: an MQTT 5 request takes about 400 bytes.
@@ -83,26 +102,13 @@ const REQUEST_CAPACITY: usize = 1024;
 const OUTGOING_INFLIGHT_V5: u16 = 16;
 
 impl Connection {
-    pub(crate) fn new(config: &MqttConfig, tls: Option<native_tls::TlsConnector>) -> Self {
-        let transport = match tls {
-            Some(tls) => {
-                Transport::tls_with_config(rumqttc::TlsConfiguration::NativeConnector(tls))
-            }
-            None => Transport::tcp(),
-        };
+    pub(crate) fn new(config: &MqttConfig) -> Self {
         match config.version {
             MqttVersion::V311 => {
-                let mut options =
-                    rumqttc::MqttOptions::new(&config.client_id, &config.host, config.port);
+                let mut options = options_311(config, &config.client_id);
                 options
-                    .set_transport(transport)
-                    .set_keep_alive(config.keep_alive)
                     .set_clean_session(config.clean_session)
-                    .set_manual_acks(config.ack_mode == AckMode::AfterWrite)
-                    .set_max_packet_size(config.max_packet_size, config.max_packet_size);
-                if let Some(credentials) = &config.credentials {
-                    options.set_credentials(&credentials.username, &credentials.password);
-                }
+                    .set_manual_acks(config.ack_mode == AckMode::AfterWrite);
                 let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_CAPACITY);
                 Self::V311 {
                     client,
@@ -113,8 +119,12 @@ impl Connection {
                 let mut options =
                     v5::MqttOptions::new(&config.client_id, &config.host, config.port);
                 let max_packet = u32::try_from(config.max_packet_size).unwrap_or(u32::MAX);
+                if let Some(tls) = &config.tls {
+                    options.set_transport(Transport::tls_with_config(
+                        rumqttc::TlsConfiguration::NativeConnector(tls.clone()),
+                    ));
+                }
                 options
-                    .set_transport(transport)
                     .set_keep_alive(config.keep_alive)
                     .set_clean_start(config.clean_session)
                     .set_manual_acks(config.ack_mode == AckMode::AfterWrite)

@@ -129,7 +129,7 @@ impl MqttSource {
         done: AckWatermark,
         shutdown: impl Future<Output = ()>,
     ) {
-        let connection = Connection::new(&self.config, self.config.tls.clone());
+        let connection = Connection::new(&self.config);
         self.run_on(connection, output, done, shutdown).await;
     }
 
