@@ -705,6 +705,11 @@ fn json_value(message: &Message) -> Vec<u8> {
     serde_json::to_vec(&object).unwrap_or_default()
 }
 
+/// Whether Kafka takes `c` in a topic name: ASCII letters, digits, `.`, `_` and `-`.
+pub fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
 /// A rendered name made a valid Kafka topic: `/` becomes `separator`, any other character
 /// outside `[A-Za-z0-9._-]` becomes `_`, at most 249 characters. `.` and `..` alone are not
 /// names; those become empty (unmatched).
@@ -713,7 +718,7 @@ pub fn kafka_topic_name(rendered: &str, separator: &str) -> String {
     for c in rendered.chars() {
         match c {
             '/' => name.push_str(separator),
-            c if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') => name.push(c),
+            c if is_topic_char(c) => name.push(c),
             _ => name.push('_'),
         }
     }

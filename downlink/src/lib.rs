@@ -537,16 +537,7 @@ impl Downlink {
                  next start."
             );
         }
-        let positions = self.offsets.take_positions();
-        if !positions.is_empty() {
-            let mut list = TopicPartitionList::new();
-            for ((topic, partition), offset) in &positions {
-                let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*offset));
-            }
-            if let Err(e) = consumer.commit(&list, CommitMode::Async) {
-                warn!(error = %e, "Downlink: final commit failed.");
-            }
-        }
+        self.commit(consumer);
         let _ = link.client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_millis(500), link.eventloop.poll()).await;
         info!("Downlink stopped.");

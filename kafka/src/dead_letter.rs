@@ -9,8 +9,10 @@ use mkb_bridge::{Record, Topic, dead_letter};
 
 use crate::delivery::{Failure, GiveUp};
 
-/// The dead letter of `record`, which was meant for `topic` and refused with `failure`.
+/// The dead letter of `record`, which was meant for `topic` and refused with `failure`; `seq`
+/// is the receipt number its writing finishes.
 pub(crate) fn letter(
+    seq: u64,
     record: &Record,
     topic: &str,
     dlq: &str,
@@ -22,7 +24,7 @@ pub(crate) fn letter(
         GiveUp::TopicRefused | GiveUp::TopicInvalid => record.value.clone(),
     };
     Record {
-        seq: record.seq,
+        seq,
         topic: Topic::Named(dlq.to_owned()),
         mqtt_topic: record.mqtt_topic.clone(),
         key: record.key.clone(),

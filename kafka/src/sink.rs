@@ -192,12 +192,10 @@ impl InFlight {
             let record = &self.records[index];
             let topic = to.topic(record).unwrap_or_default();
             match to.dead_letters {
-                Some(dlq) if dead_letter::reason_of(record).is_none() => {
-                    let mut letter = dead_letter::letter(record, topic, dlq, reason, &failure);
-                    // Written after the unit's other records: once it is, the unit is done.
-                    letter.seq = last_seq;
-                    self.dead_letters.push(letter);
-                }
+                // Written after the unit's other records: once it is, the unit is done.
+                Some(dlq) if dead_letter::reason_of(record).is_none() => self.dead_letters.push(
+                    dead_letter::letter(last_seq, record, topic, dlq, reason, &failure),
+                ),
                 _ => give_up(metrics, record, topic, reason, &failure),
             }
             given_up.push(index);

@@ -367,10 +367,8 @@ fn topic_map(vars: &Vars) -> Result<Vec<Rule>, ConfigError> {
 /// `KAFKA_VALUE_FORMAT`. `fallback`: `KAFKA_TOPIC` is set, for messages no rule matches.
 fn router(vars: &Vars, rules: Vec<Rule>, fallback: bool) -> Result<Router, ConfigError> {
     let separator = vars.parse("KAFKA_TOPIC_SEPARATOR", |value, name| {
-        let valid = (1..=8).contains(&value.len())
-            && value
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        let valid =
+            (1..=8).contains(&value.len()) && value.chars().all(mkb_bridge::route::is_topic_char);
         if valid {
             Ok(value.to_owned())
         } else {

@@ -197,9 +197,7 @@ pub(super) fn kafka_topic(value: &str, var: &'static str) -> Result<String, Conf
         && value.len() <= 249
         && value != "."
         && value != ".."
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && value.chars().all(mkb_bridge::route::is_topic_char);
     accept(
         valid,
         value,

@@ -205,26 +205,6 @@ fn sent_micros(value: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(head[..8].try_into().ok()?))
 }
 
-/// Creates `topics` (one partition each) through the Admin API.
-async fn create_topics(brokers: &str, topics: &[String]) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("create the benchmark's admin client");
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-        .collect();
-    for result in admin
-        .create_topics(&new, &AdminOptions::new())
-        .await
-        .expect("create the benchmark's topics")
-    {
-        result.expect("topic created");
-    }
-}
-
 /// Reads `expected` records from the topics on a blocking thread, recording each one's latency.
 /// `ready` fires once the consumer is connected, so its start-up does not count as latency.
 fn read_kafka(
@@ -357,7 +337,9 @@ async fn run_bridge(o: &Options) -> Figures {
         vec![topic.clone()]
     };
     if o.topics > 1 {
-        create_topics(&kafka.brokers(), &kafka_topics).await;
+        for kafka_topic in &kafka_topics {
+            mkb_tests::kafka::create_topic(&kafka.brokers(), kafka_topic, 1).await;
+        }
     }
     let map = if o.topics > 1 {
         format!("bench/+/{{t}}={topic}.{{t}}")
