@@ -34,11 +34,16 @@ pub struct KafkaReader {
 impl Received {
     /// The value of header `name`, as text.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        header_text(&self.headers, name)
     }
+}
+
+/// The value of header `name` among `headers`, as text.
+fn header_text(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
 }
 
 impl KafkaReader {
@@ -115,12 +120,7 @@ impl KafkaReader {
                     .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
                     .collect()
             });
-            let header = |name: &str| -> Option<String> {
-                headers
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-            };
+            let header = |name: &str| header_text(&headers, name);
             // A dead letter may have lost its value (too large): its header names the topic.
             let decoded = match (envelope::decode(&value), header("mqtt.dlq.reason")) {
                 _ if self.raw => envelope::Decoded {
