@@ -81,6 +81,13 @@ impl Offsets {
         }
     }
 
+    /// Stops tracking a partition the consumer group took away: nothing more is committed for
+    /// it, and acknowledgements of its records still in flight change nothing. Given back
+    /// later, it starts afresh from its committed offset.
+    pub(crate) fn forget(&mut self, partition: &Partition) {
+        self.partitions.remove(partition);
+    }
+
     /// Abandons every record in flight (their publishes may be lost) and returns, per
     /// partition, the offset to read again from: the first record not acknowledged.
     pub(crate) fn abandon(&mut self) -> Vec<(Partition, i64)> {
@@ -139,6 +146,28 @@ mod tests {
         assert_eq!(offsets.take_positions(), [(p(1), 8)]);
         offsets.done(&p(0), 1);
         assert_eq!(offsets.take_positions(), [(p(0), 2)]);
+    }
+
+    #[test]
+    fn a_revoked_partition_commits_nothing_more() {
+        let mut offsets = Offsets::default();
+        for offset in 0..3 {
+            offsets.start(&p(0), offset);
+            offsets.start(&p(1), offset);
+        }
+        offsets.done(&p(0), 0);
+        offsets.forget(&p(0));
+        assert_eq!(offsets.in_flight(), 3, "only partition 1's records remain");
+        // Acknowledgements of the revoked partition's publishes arrive afterwards.
+        offsets.done(&p(0), 1);
+        offsets.done(&p(0), 2);
+        offsets.done(&p(1), 0);
+        assert_eq!(offsets.take_positions(), [(p(1), 1)]);
+        // Given back, it is read again from its last commit: tracked afresh.
+        offsets.start(&p(0), 0);
+        assert_eq!(offsets.in_flight(), 3);
+        offsets.done(&p(0), 0);
+        assert_eq!(offsets.take_positions(), [(p(0), 1)]);
     }
 
     #[test]

@@ -4,8 +4,9 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
 use mkb_bridge::route::{Piece, pieces};
-use mkb_bridge::{QoS, envelope};
+use mkb_bridge::{Properties, QoS, envelope};
 
 /// How the payload is taken from the record value (`DOWNLINK_VALUE_FORMAT`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +127,8 @@ pub struct Publish {
     pub payload: Vec<u8>,
     pub qos: QoS,
     pub retain: bool,
+    /// MQTT 5 only: the record's headers as properties ([`Render::properties`]).
+    pub properties: Option<Box<Properties>>,
 }
 
 /// How records are turned into publishes.
@@ -135,6 +138,13 @@ pub struct Render {
     pub format: Format,
     pub qos: QoS,
     pub retain: bool,
+    /// The connection speaks MQTT 5: headers become properties, the inverse of the uplink's
+    /// `KAFKA_HEADERS`. `mqtt.content_type`, `mqtt.response_topic`, `mqtt.correlation_data`
+    /// and `mqtt.message_expiry` become those properties; every header not named `mqtt.…`
+    /// becomes a user property, in order, when its value is UTF-8 (a user property is a
+    /// string). `mqtt.topic`, `mqtt.qos`, `mqtt.retain` and `mqtt.dup` steer the publish or
+    /// are dropped.
+    pub properties: bool,
 }
 
 impl Render {
@@ -181,13 +191,44 @@ impl Render {
             Some(b"false") => false,
             _ => self.retain,
         };
+        let properties = if self.properties {
+            properties(record.headers)
+        } else {
+            None
+        };
         Ok(Publish {
             topic,
             payload,
             qos,
             retain,
+            properties,
         })
     }
+}
+
+/// The MQTT 5 properties the headers of a record carry, if any (see [`Render::properties`]).
+fn properties(headers: &[(String, Vec<u8>)]) -> Option<Box<Properties>> {
+    let text = |value: &[u8]| std::str::from_utf8(value).ok().map(str::to_owned);
+    let mut properties = Properties::default();
+    for (name, value) in headers {
+        match name.as_str() {
+            "mqtt.content_type" => properties.content_type = text(value),
+            "mqtt.response_topic" => properties.response_topic = text(value),
+            "mqtt.correlation_data" => {
+                properties.correlation_data = Some(Bytes::copy_from_slice(value));
+            }
+            "mqtt.message_expiry" => {
+                properties.message_expiry = text(value).and_then(|v| v.parse().ok());
+            }
+            name if name.starts_with("mqtt.") => {}
+            name => {
+                if let Some(value) = text(value) {
+                    properties.user.push((name.to_owned(), value));
+                }
+            }
+        }
+    }
+    (properties != Properties::default()).then(|| Box::new(properties))
 }
 
 fn render(template: &TopicTemplate, record: &Incoming<'_>) -> String {
@@ -237,6 +278,7 @@ mod tests {
             format,
             qos: QoS::AtLeastOnce,
             retain: false,
+            properties: false,
         }
     }
 
@@ -331,6 +373,48 @@ mod tests {
             .publish(&record(None, &headers, b"x"))
             .expect("publish");
         assert_eq!((publish.qos, publish.retain), (QoS::AtMostOnce, true));
+    }
+
+    #[test]
+    fn under_mqtt_5_headers_become_properties() {
+        let headers: Vec<(String, Vec<u8>)> = [
+            ("mqtt.topic", &b"t"[..]),
+            ("vin", b"VIN1"),
+            ("mqtt.content_type", b"application/json"),
+            ("mqtt.response_topic", b"reply/VIN1"),
+            ("mqtt.correlation_data", b"\x00\xff"),
+            ("mqtt.message_expiry", b"60"),
+            ("mqtt.dup", b"false"),
+            ("binary", b"\xff"),
+            ("vin", b"VIN2"),
+        ]
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), v.to_vec()))
+        .collect();
+        let mut mqtt5 = render(None, Format::Raw);
+        mqtt5.properties = true;
+        let publish = mqtt5
+            .publish(&record(None, &headers, b"x"))
+            .expect("publish");
+        let expected = Properties {
+            user: vec![
+                ("vin".to_owned(), "VIN1".to_owned()),
+                ("vin".to_owned(), "VIN2".to_owned()),
+            ],
+            content_type: Some("application/json".to_owned()),
+            response_topic: Some("reply/VIN1".to_owned()),
+            correlation_data: Some(Bytes::from_static(b"\x00\xff")),
+            message_expiry: Some(60),
+        };
+        assert_eq!(publish.properties.as_deref(), Some(&expected));
+        let plain = render(None, Format::Raw)
+            .publish(&record(None, &headers, b"x"))
+            .expect("publish");
+        assert_eq!(plain.properties, None, "MQTT 3.1.1 has no properties");
+        let only_topic = mqtt5
+            .publish(&record(None, &headers[..1], b"x"))
+            .expect("publish");
+        assert_eq!(only_topic.properties, None, "nothing to carry");
     }
 
     #[test]

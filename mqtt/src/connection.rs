@@ -82,10 +82,32 @@ pub fn options_311(config: &MqttConfig, client_id: &str) -> rumqttc::MqttOptions
     options
         .set_keep_alive(config.keep_alive)
         .set_max_packet_size(config.max_packet_size, config.max_packet_size);
-    if let Some(tls) = &config.tls {
-        options.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::NativeConnector(tls.clone()),
-        ));
+    if let Some(transport) = tls_transport(config) {
+        options.set_transport(transport);
+    }
+    if let Some(credentials) = &config.credentials {
+        options.set_credentials(&credentials.username, &credentials.password);
+    }
+    options
+}
+
+/// TLS with the configured connector, when `MQTT_TLS` is on.
+fn tls_transport(config: &MqttConfig) -> Option<Transport> {
+    config.tls.as_ref().map(|tls| {
+        Transport::tls_with_config(rumqttc::TlsConfiguration::NativeConnector(tls.clone()))
+    })
+}
+
+/// MQTT 5 options for a connection to `config`'s broker as `client_id`, as [`options_311`]:
+/// the broker drops messages larger than the packet size limit instead of sending them.
+pub fn options_5(config: &MqttConfig, client_id: &str) -> v5::MqttOptions {
+    let mut options = v5::MqttOptions::new(client_id, &config.host, config.port);
+    let max_packet = u32::try_from(config.max_packet_size).unwrap_or(u32::MAX);
+    options
+        .set_keep_alive(config.keep_alive)
+        .set_max_packet_size(Some(max_packet));
+    if let Some(transport) = tls_transport(config) {
+        options.set_transport(transport);
     }
     if let Some(credentials) = &config.credentials {
         options.set_credentials(&credentials.username, &credentials.password);
@@ -116,29 +138,16 @@ impl Connection {
                 }
             }
             MqttVersion::V5 => {
-                let mut options =
-                    v5::MqttOptions::new(&config.client_id, &config.host, config.port);
-                let max_packet = u32::try_from(config.max_packet_size).unwrap_or(u32::MAX);
-                if let Some(tls) = &config.tls {
-                    options.set_transport(Transport::tls_with_config(
-                        rumqttc::TlsConfiguration::NativeConnector(tls.clone()),
-                    ));
-                }
+                let mut options = options_5(config, &config.client_id);
                 options
-                    .set_keep_alive(config.keep_alive)
                     .set_clean_start(config.clean_session)
                     .set_manual_acks(config.ack_mode == AckMode::AfterWrite)
-                    // The broker drops messages larger than this instead of sending them.
-                    .set_max_packet_size(Some(max_packet))
                     .set_receive_maximum(Some(config.receive_maximum))
                     .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT_V5);
                 if !config.clean_session {
                     // In MQTT 5 a session outlives the connection only with an expiry interval;
                     // the largest value means "never expires" (the broker may cap it).
                     options.set_session_expiry_interval(Some(u32::MAX));
-                }
-                if let Some(credentials) = &config.credentials {
-                    options.set_credentials(&credentials.username, &credentials.password);
                 }
                 let (client, eventloop) = v5::AsyncClient::new(options, REQUEST_CAPACITY);
                 Self::V5 {
@@ -421,7 +430,8 @@ fn tls_problem(message: &str) -> Option<String> {
     })
 }
 
-fn qos_311(qos: QoS) -> rumqttc::QoS {
+/// The QoS as rumqttc's MQTT 3.1.1 client spells it.
+pub fn qos_311(qos: QoS) -> rumqttc::QoS {
     match qos {
         QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
         QoS::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
@@ -437,7 +447,8 @@ fn qos_from_311(qos: rumqttc::QoS) -> QoS {
     }
 }
 
-fn qos_5(qos: QoS) -> v5::mqttbytes::QoS {
+/// The QoS as rumqttc's MQTT 5 client spells it.
+pub fn qos_5(qos: QoS) -> v5::mqttbytes::QoS {
     match qos {
         QoS::AtMostOnce => v5::mqttbytes::QoS::AtMostOnce,
         QoS::AtLeastOnce => v5::mqttbytes::QoS::AtLeastOnce,

@@ -17,7 +17,7 @@ mod tls;
 
 pub use backoff::Backoff;
 pub use config::{AckMode, Credentials, MqttConfig, MqttVersion};
-pub use connection::options_311;
+pub use connection::{options_5, options_311, qos_5, qos_311};
 pub use metrics::MqttMetrics;
 pub use source::{INTAKE_LIMIT_BYTES, MqttSource, MqttStatus};
 pub use tls::{TlsConfig, TlsError, TlsFile};

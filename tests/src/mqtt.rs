@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 
@@ -107,6 +108,8 @@ type Received = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
 /// keeps every message it receives, topic and payload, in order.
 pub struct Subscriber {
     received: Received,
+    /// MQTT 5 subscribers: each message's properties, in the order of `received`.
+    properties: Arc<std::sync::Mutex<Vec<Option<PublishProperties>>>>,
     task: JoinHandle<()>,
 }
 
@@ -145,12 +148,66 @@ impl Subscriber {
                 }
             })
         };
-        crate::eventually(Duration::from_secs(10), "subscriber SUBACK", || {
-            let done = subscribed.load(Ordering::Relaxed) > 0;
-            async move { done.then_some(()) }
-        })
-        .await;
-        Self { received, task }
+        wait_subscribed(&subscribed).await;
+        Self {
+            received,
+            properties: Arc::default(),
+            task,
+        }
+    }
+
+    /// [`Subscriber::connect`] under MQTT 5, keeping each message's properties.
+    pub async fn connect_v5(port: u16, filter: &str) -> Self {
+        use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+        use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
+        let mut options = Options5::new(format!("sub5-{}", crate::unique()), "127.0.0.1", port);
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(Some(64 << 20));
+        let (client, mut eventloop) = Client5::new(options, 1024);
+        let received: Received = Arc::default();
+        let properties: Arc<std::sync::Mutex<Vec<Option<PublishProperties>>>> = Arc::default();
+        let subscribed = Arc::new(AtomicU64::new(0));
+        let task = {
+            let (received, properties, subscribed) =
+                (received.clone(), properties.clone(), subscribed.clone());
+            let filter = filter.to_owned();
+            tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event5::Incoming(Packet5::ConnAck(_))) => {
+                            let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+                            let _ = client.subscribe(filter.clone(), qos).await;
+                        }
+                        Ok(Event5::Incoming(Packet5::SubAck(_))) => {
+                            subscribed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Event5::Incoming(Packet5::Publish(publish))) => {
+                            // Both under one lock order: received, then properties.
+                            let mut received = received.lock().expect("lock");
+                            received.push((
+                                String::from_utf8_lossy(&publish.topic).into_owned(),
+                                publish.payload.to_vec(),
+                            ));
+                            properties.lock().expect("lock").push(publish.properties);
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            })
+        };
+        wait_subscribed(&subscribed).await;
+        Self {
+            received,
+            properties,
+            task,
+        }
+    }
+
+    /// MQTT 5: the properties of each message received so far, in order.
+    pub fn properties(&self) -> Vec<Option<PublishProperties>> {
+        self.properties.lock().expect("lock").clone()
     }
 
     /// Everything received so far.
@@ -172,6 +229,14 @@ impl Subscriber {
         })
         .await
     }
+}
+
+async fn wait_subscribed(subscribed: &AtomicU64) {
+    crate::eventually(Duration::from_secs(10), "subscriber SUBACK", || {
+        let done = subscribed.load(Ordering::Relaxed) > 0;
+        async move { done.then_some(()) }
+    })
+    .await;
 }
 
 impl Drop for Subscriber {

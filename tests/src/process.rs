@@ -188,17 +188,19 @@ impl Drop for BridgeProcess {
     fn drop(&mut self) {
         self.kill();
         // The log files go with the temp dir: a failing test shows the end of them first.
+        // The log goes to stdout; stderr holds what is printed before logging starts.
         if std::thread::panicking() {
-            let stderr = self.stderr();
-            let lines: Vec<&str> = stderr.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-            eprintln!(
-                "bridge (pid {}) stderr, last {} of {} lines:\n{}",
-                self.pid(),
-                tail.len(),
-                lines.len(),
-                tail.join("\n")
-            );
+            for (name, text) in [("stdout", self.stdout()), ("stderr", self.stderr())] {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+                eprintln!(
+                    "bridge (pid {}) {name}, last {} of {} lines:\n{}",
+                    self.pid(),
+                    tail.len(),
+                    lines.len(),
+                    tail.join("\n")
+                );
+            }
         }
     }
 }

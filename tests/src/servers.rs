@@ -81,6 +81,9 @@ pub struct MosquittoOptions {
     pub user: Option<(String, String)>,
     /// `max_inflight_messages` (Mosquitto's default, 20, when `None`).
     pub max_inflight: Option<u16>,
+    /// The text of an `acl_file` (its lines before any `user` line apply to anonymous
+    /// clients).
+    pub acl: Option<String>,
 }
 
 /// A Mosquitto broker with a generated configuration in its own temporary directory.
@@ -185,6 +188,11 @@ impl Mosquitto {
                 ));
             }
             None => text.push_str("allow_anonymous true\n"),
+        }
+        if let Some(acl) = &options.acl {
+            let file = dir.join("acl");
+            std::fs::write(&file, acl).expect("write the ACL file");
+            text.push_str(&format!("acl_file {}\n", file.display()));
         }
         std::fs::write(&conf, text).expect("write mosquitto.conf");
         Command::new(binary)

@@ -14,7 +14,7 @@ use mkb_bridge::{BatcherConfig, QoS, Router};
 use mkb_downlink::{DownlinkConfig, Format as DownlinkFormat, Render, TopicTemplate};
 use mkb_kafka::{KafkaConfig, SpoolConfig};
 use mkb_log::LogConfig;
-use mkb_mqtt::{AckMode, Credentials, MqttConfig, TlsConfig, TlsError, TlsFile};
+use mkb_mqtt::{AckMode, Credentials, MqttConfig, MqttVersion, TlsConfig, TlsError, TlsFile};
 
 use super::values::{
     ack_mode, boolean, broker_list, byte_size, full_policy, host, ip_address, kafka_topic,
@@ -451,6 +451,14 @@ fn downlink(
         Ok(topics)
     })?;
     let group_id = vars.get("DOWNLINK_GROUP_ID").to_owned();
+    let session_timeout = vars.parse("DOWNLINK_SESSION_TIMEOUT", |value, name| {
+        let timeout = positive_duration(value, name)?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&timeout) {
+            return Err(ConfigError::invalid(name, value, "between 1s and 1h"));
+        }
+        Ok(timeout)
+    })?;
+    let static_membership = vars.parse("DOWNLINK_STATIC_MEMBERSHIP", boolean)?;
     let offset_reset = vars.parse("DOWNLINK_OFFSET_RESET", |value, name| match value {
         "latest" | "earliest" => Ok(value.to_owned()),
         _ => Err(ConfigError::invalid(name, value, "latest or earliest")),
@@ -490,6 +498,7 @@ fn downlink(
         format,
         qos: vars.parse("DOWNLINK_QOS", qos)?,
         retain: vars.parse("DOWNLINK_RETAIN", boolean)?,
+        properties: mqtt.version == MqttVersion::V5,
     };
     let properties = kafka
         .properties
@@ -508,6 +517,8 @@ fn downlink(
             properties,
             topics,
             group_id,
+            session_timeout,
+            static_membership,
             offset_reset,
             render,
             max_in_flight: DOWNLINK_IN_FLIGHT,

@@ -276,6 +276,18 @@ pub const VARIABLES: &[Variable] = &[
         "downlink: where a group without committed offsets starts, latest or earliest",
     ),
     var(
+        "DOWNLINK_SESSION_TIMEOUT",
+        Some("10s"),
+        "downlink: how long a replica that stopped answering (killed) keeps its Kafka \
+         partitions before the others take them (librdkafka's session.timeout.ms)",
+    ),
+    var(
+        "DOWNLINK_STATIC_MEMBERSHIP",
+        Some("false"),
+        "downlink: join the consumer group as <MQTT_CLIENT_ID>-downlink (group.instance.id), so \
+         a restart takes its partitions back without a rebalance (Kafka 2.3+; not tansu 0.6)",
+    ),
+    var(
         "DOWNLINK_MQTT_TOPIC",
         None,
         "downlink MQTT topic template: {key}, {header:NAME}, {kafka_topic}, {partition}; unset: \

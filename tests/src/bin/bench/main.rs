@@ -7,6 +7,7 @@
 //! the same load into a no-op MQTT subscriber that acknowledges at once (the baseline: what
 //! broker and publishers alone manage) and prints one table with the ratio.
 
+mod downlink;
 mod publisher;
 
 use std::sync::Arc;
@@ -30,7 +31,8 @@ const USAGE: &str =
                  [--outage]   (Kafka cut while publishing: measures spool write and drain rates)
                  [--outage-hold SECONDS]   (keep Kafka cut that long after everything is spooled)
                  [--topics N]   (N MQTT topics per publisher, each mapped to a Kafka topic of its own)
-                 [--headers none|all|LIST]   (the bridge's KAFKA_HEADERS)";
+                 [--headers none|all|LIST]   (the bridge's KAFKA_HEADERS)
+                 [--downlink]   (Kafka → MQTT: the downlink against a plain consumer and client)";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -51,6 +53,8 @@ struct Options {
     topics: u64,
     /// `KAFKA_HEADERS` of the bridge.
     headers: String,
+    /// Measure the downlink (Kafka → MQTT) instead.
+    downlink: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -70,6 +74,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         outage_hold: 0,
         topics: 1,
         headers: "none".to_owned(),
+        downlink: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -79,6 +84,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
         }
         if flag == "--outage" {
             o.outage = true;
+            continue;
+        }
+        if flag == "--downlink" {
+            o.downlink = true;
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -546,6 +555,13 @@ async fn main() {
     };
     if cfg!(debug_assertions) {
         eprintln!("mkb-bench: built without --release; figures will be far below the bridge's.");
+    }
+    if o.downlink {
+        eprintln!("downlink runs: {o:?}");
+        if !downlink::run(&o).await {
+            std::process::exit(1);
+        }
+        return;
     }
     eprintln!("bridge run: {o:?}");
     let mut bridge = run_bridge(&o).await;
