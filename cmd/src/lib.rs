@@ -12,6 +12,7 @@
 //! through [`Bridge::start`] and [`Bridge::run_until`] (or [`run`], which is both).
 
 pub mod config;
+mod healthcheck;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 pub use config::{Config, ConfigError};
+pub use healthcheck::healthcheck;
 
 /// What a message on `topic` with `payload` becomes with `config`, as `--route` prints it.
 pub fn explain_route(config: &Config, topic: &str, payload: Vec<u8>) -> String {

@@ -30,6 +30,26 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
+    if command.healthcheck {
+        // Only HEALTH_ADDR and HEALTH_PORT count: the check must not fail on other settings.
+        let environment = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .chain(command.values);
+        let addr = match config::health_addr(environment, command.env_file.as_deref()) {
+            Ok(addr) => addr,
+            Err(e) => return usage_error(&e.to_string()),
+        };
+        return match mqtt_kafka_bridge::healthcheck(addr) {
+            Ok(status) => {
+                println!("{status}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mqtt-kafka-bridge healthcheck: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        };
+    }
     let host_name = gethostname::gethostname()
         .into_string()
         .unwrap_or_else(|_| "mqtt-kafka-bridge".to_owned());

@@ -486,3 +486,23 @@ fn route_explains_what_a_topic_becomes() {
         "{text}"
     );
 }
+
+/// `healthcheck` (a container's HEALTHCHECK) needs only HEALTH_ADDR and HEALTH_PORT: with no
+/// bridge listening it exits 1 with one line saying so, whatever else is unset; a bad port is
+/// a configuration error.
+#[test]
+fn healthcheck_without_a_bridge_exits_1_and_says_why() {
+    let port = closed_port();
+    let output = bridge(&[("HEALTH_PORT", &port)], &["healthcheck"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.contains(&format!("127.0.0.1:{port}"))
+            && message.contains("is the bridge running?"),
+        "{message}"
+    );
+    let bad = bridge(&[("HEALTH_PORT", "none")], &["healthcheck"]);
+    assert_eq!(bad.status.code(), Some(64), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("HEALTH_PORT"), "{}", stderr(&bad));
+}

@@ -130,6 +130,17 @@ impl DownlinkMetrics {
         registry.register(Box::new(consumed.clone()))?;
         registry.register(Box::new(published.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        // Every kind from the start, at 0 (an alert on an increase fires on the first).
+        for kind in [
+            "unroutable",
+            "refused",
+            "dead_letter",
+            "mqtt",
+            "kafka",
+            "commit",
+        ] {
+            errors.with_label_values(&[kind]);
+        }
         Ok(Self {
             consumed,
             published,

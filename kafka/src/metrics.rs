@@ -31,6 +31,10 @@ pub struct SpoolMetrics {
     pub memory_bytes: IntGauge,
     pub disk_records: IntGauge,
     pub disk_bytes: IntGauge,
+    /// `SPOOL_MEMORY_BYTES` and `SPOOL_DISK_BYTES` (0 without a disk tier), for alerts on how
+    /// full the spool is.
+    pub memory_limit: IntGauge,
+    pub disk_limit: IntGauge,
     /// 1 while the disk tier is usable.
     pub disk_available: IntGauge,
     pub spooled: IntCounter,
@@ -38,6 +42,36 @@ pub struct SpoolMetrics {
     pub corrupt: IntCounter,
     pub fsync: Histogram,
 }
+
+/// `kind`s of `bridge_kafka_errors_total`.
+const KAFKA_ERROR_KINDS: &[&str] = &[
+    "delivery",
+    "enqueue",
+    "queue_full",
+    "too_large",
+    "topic_refused",
+    "topic_invalid",
+    "create_topic",
+    "fatal",
+];
+/// `reason`s of `bridge_records_dropped_total`.
+const DROP_REASONS: &[&str] = &[
+    "too_large",
+    "topic_refused",
+    "topic_invalid",
+    "dead_letter_failed",
+    "spool_full_oldest",
+    "spool_full_newest",
+    "unmapped",
+];
+/// `reason`s of `bridge_records_dead_lettered_total`.
+const DEAD_LETTER_REASONS: &[&str] = &[
+    "too_large",
+    "topic_refused",
+    "topic_invalid",
+    mkb_bridge::dead_letter::MQTT_TOO_LARGE,
+    mkb_bridge::dead_letter::MQTT_INVALID_TOPIC,
+];
 
 impl KafkaMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
@@ -122,6 +156,14 @@ impl KafkaMetrics {
             )
             .buckets(exponential_buckets(0.0005, 2.0, 12)?),
         )?;
+        let spool_limit = IntGaugeVec::new(
+            Opts::new(
+                "bridge_spool_limit_bytes",
+                "How many bytes each tier of the spool may hold (SPOOL_MEMORY_BYTES, \
+                 SPOOL_DISK_BYTES; 0 without a disk tier).",
+            ),
+            &["tier"],
+        )?;
         let failing_seconds = Counter::new(
             "bridge_kafka_failing_seconds_total",
             "Seconds spent with Kafka failing.",
@@ -129,6 +171,7 @@ impl KafkaMetrics {
         for collector in [
             Box::new(spool_records.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(spool_bytes.clone()),
+            Box::new(spool_limit.clone()),
             Box::new(spooled.clone()),
             Box::new(drained.clone()),
             Box::new(corrupt.clone()),
@@ -137,6 +180,17 @@ impl KafkaMetrics {
             Box::new(failing_seconds.clone()),
         ] {
             registry.register(collector)?;
+        }
+        // Every known label value from the start, at 0: an alert on `increase(…) > 0` then
+        // fires on the first drop, and a dashboard shows zeros rather than nothing.
+        for (vector, values) in [
+            (&errors, KAFKA_ERROR_KINDS),
+            (&dropped, DROP_REASONS),
+            (&dead_lettered, DEAD_LETTER_REASONS),
+        ] {
+            for value in values {
+                vector.with_label_values(&[value]);
+            }
         }
         registry.register(Box::new(records_sent.clone()))?;
         registry.register(Box::new(batches_sent.clone()))?;
@@ -161,6 +215,8 @@ impl KafkaMetrics {
                 memory_bytes: spool_bytes.with_label_values(&["memory"]),
                 disk_records: spool_records.with_label_values(&["disk"]),
                 disk_bytes: spool_bytes.with_label_values(&["disk"]),
+                memory_limit: spool_limit.with_label_values(&["memory"]),
+                disk_limit: spool_limit.with_label_values(&["disk"]),
                 disk_available,
                 spooled,
                 drained,

@@ -28,6 +28,9 @@ pub struct MqttMetrics {
     /// Messages whose topic is not UTF-8 (from a broker that does not check): read past and
     /// acknowledged, passed on only as dead letters.
     pub invalid_topic: IntCounter,
+    /// Unix time of the latest second in which a message arrived (see
+    /// [`MqttMetrics::stamp_last_message`]).
+    last_message: IntGauge,
 }
 
 impl MqttMetrics {
@@ -73,6 +76,12 @@ impl MqttMetrics {
             ),
             &["reason"],
         )?;
+        let last_message = IntGauge::new(
+            "bridge_mqtt_last_message_timestamp_seconds",
+            "Unix time of the latest second in which an MQTT message arrived (0: none yet); \
+             checked once a second.",
+        )?;
+        registry.register(Box::new(last_message.clone()))?;
         registry.register(Box::new(awaiting_ack.clone()))?;
         registry.register(Box::new(ack_latency.clone()))?;
         registry.register(Box::new(intake.clone()))?;
@@ -92,10 +101,31 @@ impl MqttMetrics {
             dropped_intake_full: dropped.with_label_values(&["intake_full"]),
             oversized: dropped.with_label_values(&["too_large"]),
             invalid_topic: dropped.with_label_values(&["invalid_topic"]),
+            last_message,
         })
     }
 
     pub fn received(&self, qos: mkb_bridge::QoS) -> &IntCounter {
         &self.received[usize::from(qos.level())]
+    }
+
+    /// Keeps `bridge_mqtt_last_message_timestamp_seconds` up to date: once a second, if the
+    /// received counters moved, it becomes the current time. A stall alert needs seconds, not
+    /// a clock read per message. Runs until aborted.
+    pub async fn stamp_last_message(self) {
+        let mut seen = 0;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let received: u64 = self.received.iter().map(IntCounter::get).sum();
+            if received != seen {
+                seen = received;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                self.last_message
+                    .set(i64::try_from(now).unwrap_or(i64::MAX));
+            }
+        }
     }
 }

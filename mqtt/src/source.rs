@@ -130,7 +130,9 @@ impl MqttSource {
         shutdown: impl Future<Output = ()>,
     ) {
         let connection = Connection::new(&self.config);
+        let stamping = tokio::spawn(self.metrics.clone().stamp_last_message());
         self.run_on(connection, output, done, shutdown).await;
+        stamping.abort();
     }
 
     /// [`MqttSource::run`] over a given connection.

@@ -7,11 +7,15 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Builds the bridge binary once per run (a no-op when it is up to date), in the profile this
-/// code was built in (release for the benchmark), and returns it.
+/// code was built in (release for the benchmark), and returns it. `MKB_BRIDGE_BINARY` names
+/// another binary instead (the static one of the container image, to compare).
 pub fn bridge_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| {
+            if let Some(binary) = std::env::var_os("MKB_BRIDGE_BINARY") {
+                return PathBuf::from(binary);
+            }
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let mut build = Command::new(cargo);
             build.args(["build", "--quiet", "-p", "mqtt-kafka-bridge"]);

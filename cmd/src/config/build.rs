@@ -83,10 +83,7 @@ pub(super) fn config(vars: &Vars, host_name: &str) -> Result<Config, ConfigError
         router: Arc::new(router),
         batcher,
         max_batch_size,
-        health_addr: SocketAddr::new(
-            vars.parse("HEALTH_ADDR", ip_address)?,
-            vars.parse("HEALTH_PORT", listen_port)?,
-        ),
+        health_addr: health_addr(vars)?,
         shutdown_timeout,
         worker_threads: vars.parse("WORKER_THREADS", |v, n| number(v, n, 1, 256))?,
         effective: Vec::new(),
@@ -526,4 +523,12 @@ fn downlink(
             dead_letter_topic: kafka.dead_letter_topic.clone(),
             mqtt: mqtt.clone(),
         }))
+}
+
+/// Where `/healthz`, `/readyz` and `/metrics` are served.
+pub(super) fn health_addr(vars: &Vars) -> Result<SocketAddr, ConfigError> {
+    Ok(SocketAddr::new(
+        vars.parse("HEALTH_ADDR", ip_address)?,
+        vars.parse("HEALTH_PORT", listen_port)?,
+    ))
 }

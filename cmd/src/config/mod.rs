@@ -106,6 +106,16 @@ pub fn load(
     Ok(config)
 }
 
+/// Only `HEALTH_ADDR:HEALTH_PORT`, for the `healthcheck` subcommand: a health check must not
+/// fail because some other setting is missing where it runs.
+pub fn health_addr(
+    environment: impl IntoIterator<Item = (String, String)>,
+    env_file: Option<&Path>,
+) -> Result<std::net::SocketAddr, ConfigError> {
+    let vars = merge(environment, env_file)?;
+    build::health_addr(&vars)
+}
+
 /// The env file's values overridden by `environment`'s; empty values count as unset.
 fn merge(
     environment: impl IntoIterator<Item = (String, String)>,

@@ -435,6 +435,9 @@ pub struct CommandLine {
     pub route: Option<String>,
     /// `--payload FILE`: the payload `--route` uses (empty without it).
     pub payload: Option<std::path::PathBuf>,
+    /// `healthcheck`: ask the running bridge's `/healthz` (a container's HEALTHCHECK), then
+    /// exit.
+    pub healthcheck: bool,
     /// Values given as flags, by variable name; they win over the environment.
     pub values: Vec<(String, String)>,
     /// Metamorphosis flags that mean nothing here, given anyway (warned about at start).
@@ -488,6 +491,10 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<CommandLine,
     let mut command = CommandLine::default();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
+        if arg == "healthcheck" {
+            command.healthcheck = true;
+            continue;
+        }
         let Some(flag) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
             return Err(format!("unknown argument {arg:?} (see --help)"));
         };
@@ -535,12 +542,15 @@ pub fn help() -> String {
         "mqtt-kafka-bridge: subscribes to MQTT topic filters and writes every message to Kafka.\n\n\
          Usage: mqtt-kafka-bridge [--env-file PATH] [--check-config] [--FLAG VALUE ...]\n\
          \x20      mqtt-kafka-bridge --route TOPIC [--payload FILE] [--FLAG VALUE ...]\n\
+         \x20      mqtt-kafka-bridge healthcheck [--health-port PORT]\n\
          \x20      mqtt-kafka-bridge --help | --version\n\n\
          --check-config validates the configuration, prints the effective values (secrets as\n\
          ***) and exits: 0 when valid, 64 when not.\n\
          --route TOPIC prints what a message on TOPIC (with the payload in FILE) becomes with\n\
          this configuration: the rule that matched, the Kafka topic, key, headers and value.\n\
-         It connects to nothing.\n\n\
+         It connects to nothing.\n\
+         healthcheck asks the running bridge's /healthz (HEALTH_ADDR, HEALTH_PORT) and exits 0\n\
+         on 200, 1 otherwise: a container's HEALTHCHECK.\n\n\
          Configuration comes from flags, then environment variables, then a .env file in the\n\
          working directory (or --env-file PATH); a flag wins over the environment, which wins\n\
          over the file. Every variable has a flag: MQTT_BROKER is --mqtt-broker (or\n\

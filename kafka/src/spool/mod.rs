@@ -241,6 +241,13 @@ impl Spool {
             _ => None,
         };
         let next_id = log.as_ref().map_or(0, Log::last_id) + 1;
+        let disk_limit = if log.is_some() { config.disk_bytes } else { 0 };
+        for (gauge, limit) in [
+            (&metrics.memory_limit, config.memory_bytes),
+            (&metrics.disk_limit, disk_limit),
+        ] {
+            gauge.set(i64::try_from(limit).unwrap_or(i64::MAX));
+        }
         let spool = Self {
             config,
             metrics,
