@@ -12,6 +12,7 @@ pub mod dead_letter;
 pub mod envelope;
 mod message;
 pub mod route;
+pub mod sparkplug;
 
 pub use acks::{AckHandle, AckWatermark, ack_channel};
 pub use batcher::{Batcher, BatcherConfig};

@@ -90,6 +90,21 @@ pub enum Topic {
     /// Nowhere: no routing rule matched and there is no `KAFKA_TOPIC` to fall back to. The
     /// Kafka task counts it and writes nothing; the message is done.
     Unmapped,
+    /// Nowhere: given up on for this reason (a label of `bridge_records_dropped_total`) with no
+    /// dead-letter topic to send it to. Counted like [`Topic::Unmapped`].
+    Dropped(&'static str),
+}
+
+impl Topic {
+    /// Why a record addressed nowhere is dropped (the drop counter's label); `None` for a
+    /// record with a topic.
+    pub fn drop_reason(&self) -> Option<&'static str> {
+        match self {
+            Self::Default | Self::Named(_) => None,
+            Self::Unmapped => Some("unmapped"),
+            Self::Dropped(reason) => Some(reason),
+        }
+    }
 }
 
 /// The Kafka key of a record.
@@ -190,7 +205,7 @@ impl Record {
     pub fn size(&self) -> usize {
         let topic = match &self.topic {
             Topic::Named(name) => name.len(),
-            Topic::Default | Topic::Unmapped => 0,
+            Topic::Default | Topic::Unmapped | Topic::Dropped(_) => 0,
         };
         // A key other than the MQTT topic takes its own bytes, and the MQTT topic goes in a
         // header of its own on disk.

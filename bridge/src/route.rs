@@ -17,8 +17,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use regex::Regex;
 
-use crate::envelope;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use crate::message::{Key, Message, Record, Topic};
+use crate::sparkplug::Decoder;
+use crate::{dead_letter, envelope};
 
 /// Longest Kafka topic name.
 const MAX_TOPIC: usize = 249;
@@ -33,6 +36,9 @@ pub enum ValueFormat {
     /// An object with the topic, QoS, retain flag, receipt time and the payload: embedded as
     /// JSON when it parses, as a string when it is UTF-8, as base64 otherwise.
     Json,
+    /// Sparkplug B payloads (topics under `spBv1.0/`) decoded to JSON, aliases resolved
+    /// ([`crate::sparkplug`]); STATE messages as they are; other topics in the envelope.
+    SparkplugJson,
 }
 
 /// Which MQTT fields become Kafka headers (`KAFKA_HEADERS`), each named `mqtt.<field>`; user
@@ -457,6 +463,9 @@ pub struct RouterConfig {
     pub key: KeySetting,
     pub headers: HeaderSet,
     pub format: ValueFormat,
+    /// `KAFKA_DLQ_TOPIC`: where a message whose payload does not decode in `format` goes;
+    /// unset, it is dropped and counted.
+    pub dead_letter_topic: Option<String>,
 }
 
 impl Default for RouterConfig {
@@ -470,6 +479,7 @@ impl Default for RouterConfig {
             key: KeySetting::MqttTopic,
             headers: HeaderSet::default(),
             format: ValueFormat::Envelope,
+            dead_letter_topic: None,
         }
     }
 }
@@ -480,6 +490,9 @@ pub struct Router {
     config: RouterConfig,
     /// The configuration is the default one: the record is the envelope to `KAFKA_TOPIC`.
     plain: bool,
+    /// `sparkplug-json`: the alias tables, kept across messages (the batcher routes them one
+    /// at a time, so the lock is never contended).
+    sparkplug: Option<Arc<Mutex<Decoder>>>,
 }
 
 impl Default for Router {
@@ -487,9 +500,14 @@ impl Default for Router {
         Self {
             config: RouterConfig::default(),
             plain: true,
+            sparkplug: None,
         }
     }
 }
+
+/// The reason of a message whose payload does not decode as Sparkplug B (a dead letter's
+/// `mqtt.dlq.reason`, or the drop counter's label without a dead-letter topic).
+pub const SPARKPLUG_INVALID: &str = "sparkplug_invalid";
 
 /// What `--route` shows of one message.
 #[derive(Debug, PartialEq, Eq)]
@@ -515,7 +533,13 @@ impl Router {
             && config.key == KeySetting::MqttTopic
             && config.headers.is_empty()
             && config.format == ValueFormat::Envelope;
-        Ok(Self { config, plain })
+        let sparkplug = (config.format == ValueFormat::SparkplugJson)
+            .then(|| Arc::new(Mutex::new(Decoder::default())));
+        Ok(Self {
+            config,
+            plain,
+            sparkplug,
+        })
     }
 
     /// Pairs of rules whose topics may differ only in `.` against `_`, which Kafka treats as
@@ -588,9 +612,17 @@ impl Router {
                 }
             }
         };
-        let headers = self.headers(&message);
-        let value = self.value(&message);
         let rule = matched.map(|(rule, _)| rule.text.clone());
+        let value = match self.value(&message) {
+            Ok(value) => value,
+            Err(error) => {
+                return Explained {
+                    rule,
+                    record: self.undecodable(message, &topic, error),
+                };
+            }
+        };
+        let headers = self.headers(&message);
         Explained {
             rule,
             record: Record {
@@ -663,15 +695,59 @@ impl Router {
         headers
     }
 
-    fn value(&self, message: &Message) -> Vec<u8> {
-        match self.config.format {
-            ValueFormat::Envelope => {
-                let mut value = Vec::new();
-                envelope::encode(&message.topic, &message.payload, &mut value);
-                value
-            }
+    /// The record value, or why the payload does not decode in the format.
+    fn value(&self, message: &Message) -> Result<Vec<u8>, String> {
+        let envelope = || {
+            let mut value = Vec::new();
+            envelope::encode(&message.topic, &message.payload, &mut value);
+            value
+        };
+        Ok(match self.config.format {
+            ValueFormat::Envelope => envelope(),
             ValueFormat::Raw => message.payload.to_vec(),
             ValueFormat::Json => json_value(message),
+            ValueFormat::SparkplugJson => {
+                let decoder = self.sparkplug.as_ref().ok_or("no Sparkplug decoder")?;
+                let mut decoder = decoder.lock().unwrap_or_else(PoisonError::into_inner);
+                decoder
+                    .to_json(&message.topic, &message.payload)?
+                    .unwrap_or_else(envelope)
+            }
+        })
+    }
+
+    /// The record of a message whose payload does not decode: a dead letter with why, or,
+    /// without a dead-letter topic, dropped and counted.
+    fn undecodable(&self, message: Message, topic: &Topic, error: String) -> Record {
+        let intended = match topic {
+            Topic::Named(name) => Some(name.as_str()),
+            _ => None,
+        };
+        match &self.config.dead_letter_topic {
+            Some(dead_letter_topic) => Record {
+                seq: message.seq,
+                topic: Topic::Named(dead_letter_topic.clone()),
+                headers: dead_letter::headers(
+                    SPARKPLUG_INVALID,
+                    &message.topic,
+                    intended,
+                    message.payload.len(),
+                    &error,
+                ),
+                mqtt_topic: message.topic,
+                key: Key::MqttTopic,
+                value: message.payload.to_vec(),
+                received_at: message.received_at,
+            },
+            None => Record {
+                seq: message.seq,
+                topic: Topic::Dropped(SPARKPLUG_INVALID),
+                mqtt_topic: message.topic,
+                key: Key::MqttTopic,
+                value: Vec::new(),
+                headers: Vec::new(),
+                received_at: message.received_at,
+            },
         }
     }
 }
@@ -771,6 +847,51 @@ mod tests {
 
     fn named(name: &str) -> Topic {
         Topic::Named(name.to_owned())
+    }
+
+    /// A payload that is not Sparkplug B: a dead letter with why (its intended topic too), or
+    /// without a dead-letter topic a record addressed nowhere, counted under the reason.
+    #[test]
+    fn an_undecodable_sparkplug_payload_is_a_dead_letter_or_dropped() {
+        let config = |dead_letter_topic: Option<&str>| RouterConfig {
+            rules: rules(&["spBv1.0/{group}/#=sp.{group}"]),
+            format: ValueFormat::SparkplugJson,
+            dead_letter_topic: dead_letter_topic.map(str::to_owned),
+            ..RouterConfig::default()
+        };
+        let bad = || message("spBv1.0/g/NDATA/n", b"\xff\xff");
+        let dropped = Router::new(config(None)).expect("router").record(bad());
+        assert_eq!(dropped.topic, Topic::Dropped(SPARKPLUG_INVALID));
+        assert_eq!(dropped.topic.drop_reason(), Some("sparkplug_invalid"));
+        let letter = Router::new(config(Some("dlq")))
+            .expect("router")
+            .record(bad());
+        assert_eq!(letter.topic, named("dlq"));
+        assert_eq!(letter.value, b"\xff\xff");
+        assert_eq!(
+            dead_letter::reason_of(&letter.headers),
+            Some(SPARKPLUG_INVALID)
+        );
+        let header = |name: &str| {
+            letter
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header(dead_letter::KAFKA_TOPIC).as_deref(), Some("sp.g"));
+        assert!(
+            header(dead_letter::ERROR)
+                .unwrap_or_default()
+                .starts_with("not a Sparkplug B payload")
+        );
+        // Outside spBv1.0/ the envelope, as with the default format.
+        let other = Router::new(config(None))
+            .expect("router")
+            .record(message("plant/x", b"p"));
+        let mut envelope_value = Vec::new();
+        envelope::encode("plant/x", b"p", &mut envelope_value);
+        assert_eq!(other.value, envelope_value);
     }
 
     #[test]

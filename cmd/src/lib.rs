@@ -50,6 +50,9 @@ pub fn explain_route(config: &Config, topic: &str, payload: Vec<u8>) -> String {
         mkb_bridge::Topic::Unmapped => {
             "none: no rule matches and KAFKA_TOPIC is unset (counted as unmapped)".to_owned()
         }
+        mkb_bridge::Topic::Dropped(reason) => {
+            format!("none: dropped and counted as {reason} (no KAFKA_DLQ_TOPIC)")
+        }
     };
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     let mut out = format!(

@@ -63,6 +63,7 @@ const DROP_REASONS: &[&str] = &[
     "spool_full_oldest",
     "spool_full_newest",
     "unmapped",
+    mkb_bridge::route::SPARKPLUG_INVALID,
 ];
 /// `reason`s of `bridge_records_dead_lettered_total`.
 const DEAD_LETTER_REASONS: &[&str] = &[
@@ -71,6 +72,7 @@ const DEAD_LETTER_REASONS: &[&str] = &[
     "topic_invalid",
     mkb_bridge::dead_letter::MQTT_TOO_LARGE,
     mkb_bridge::dead_letter::MQTT_INVALID_TOPIC,
+    mkb_bridge::route::SPARKPLUG_INVALID,
 ];
 
 impl KafkaMetrics {

@@ -161,7 +161,7 @@ impl<'a> Destinations<'a> {
         match &record.topic {
             Topic::Default => self.default,
             Topic::Named(name) => Some(name),
-            Topic::Unmapped => None,
+            Topic::Unmapped | Topic::Dropped(_) => None,
         }
     }
 }
@@ -210,7 +210,7 @@ impl InFlight {
                 continue;
             }
             if to.topic(record).is_none() {
-                metrics.dropped("unmapped", 1);
+                metrics.dropped(record.topic.drop_reason().unwrap_or("unmapped"), 1);
                 continue;
             }
             match dead_letter::reason_of(record) {
@@ -557,10 +557,14 @@ impl KafkaSink {
         let Some(last_seq) = records.last().map(|r| r.seq) else {
             return true;
         };
-        // Unmapped records are done: nothing to keep, but their receipt numbers count.
-        let before = records.len();
-        records.retain(|r| r.topic != Topic::Unmapped);
-        self.metrics.dropped("unmapped", before - records.len());
+        // Records addressed nowhere are done: nothing to keep, but their receipt numbers count.
+        records.retain(|r| match r.topic.drop_reason() {
+            Some(reason) => {
+                self.metrics.dropped(reason, 1);
+                false
+            }
+            None => true,
+        });
         if records.is_empty() {
             self.spooled_through = self.spooled_through.max(last_seq);
             return true;
@@ -814,7 +818,7 @@ impl KafkaSink {
         };
         let named = records.iter().filter_map(|r| match &r.topic {
             Topic::Named(name) => Some(name.as_str()),
-            Topic::Default | Topic::Unmapped => None,
+            Topic::Default | Topic::Unmapped | Topic::Dropped(_) => None,
         });
         match topics.ensure(named, &self.config).await {
             Ok(()) => true,
@@ -1258,12 +1262,13 @@ mod tests {
         assert_eq!(script.delivered().len(), 9);
     }
 
-    /// Records 1..=`count` routed by receipt number: 3, 6, … unmapped, the others to `odd` or
-    /// `even`.
+    /// Records 1..=`count` routed by receipt number: 3, 9, … unmapped, 6, 12, … dropped as
+    /// undecodable, the others to `odd` or `even`.
     fn routed(from: u64, count: u64) -> Batch {
         let mut batch = batch(from, count);
         for record in &mut batch.records {
             record.topic = match record.seq {
+                n if n % 6 == 0 => Topic::Dropped("sparkplug_invalid"),
                 n if n % 3 == 0 => Topic::Unmapped,
                 n if n % 2 == 1 => Topic::Named("odd".to_owned()),
                 _ => Topic::Named("even".to_owned()),
@@ -1288,7 +1293,8 @@ mod tests {
         task.until("acknowledged", |t| t.watermark() == 6).await;
         assert_eq!(values(&script.delivered_to("odd")), ["1", "5"]);
         assert_eq!(values(&script.delivered_to("even")), ["2", "4"]);
-        assert_eq!(task.metrics.dropped_count("unmapped"), 2);
+        assert_eq!(task.metrics.dropped_count("unmapped"), 1);
+        assert_eq!(task.metrics.dropped_count("sparkplug_invalid"), 1);
         assert_eq!(task.metrics.records_sent.get(), 4);
     }
 
@@ -1327,7 +1333,8 @@ mod tests {
         for n in [2, 4, 8, 10] {
             assert!(even.contains(&n.to_string()), "{n} in {even:?}");
         }
-        assert_eq!(task.metrics.dropped_count("unmapped"), 4);
+        assert_eq!(task.metrics.dropped_count("unmapped"), 2);
+        assert_eq!(task.metrics.dropped_count("sparkplug_invalid"), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -396,7 +396,12 @@ fn router(vars: &Vars, rules: Vec<Rule>, fallback: bool) -> Result<Router, Confi
         "envelope" => Ok(ValueFormat::Envelope),
         "raw" => Ok(ValueFormat::Raw),
         "json" => Ok(ValueFormat::Json),
-        _ => Err(ConfigError::invalid(name, value, "envelope, raw or json")),
+        "sparkplug-json" => Ok(ValueFormat::SparkplugJson),
+        _ => Err(ConfigError::invalid(
+            name,
+            value,
+            "envelope, raw, json or sparkplug-json",
+        )),
     })?;
     Router::new(RouterConfig {
         rules,
@@ -405,6 +410,7 @@ fn router(vars: &Vars, rules: Vec<Rule>, fallback: bool) -> Result<Router, Confi
         key,
         headers,
         format,
+        dead_letter_topic: vars.opt("KAFKA_DLQ_TOPIC").map(str::to_owned),
     })
     .map_err(|e| {
         ConfigError::invalid(

@@ -171,8 +171,9 @@ pub const VARIABLES: &[Variable] = &[
     var(
         "KAFKA_VALUE_FORMAT",
         Some("envelope"),
-        "record value: envelope (Metamorphosis' JSON with base64 content), raw (the payload) \
-         or json (topic, qos, retain, receipt time and the payload)",
+        "record value: envelope (Metamorphosis' JSON with base64 content), raw (the payload), \
+         json (topic, qos, retain, receipt time and the payload) or sparkplug-json (Sparkplug B \
+         payloads on spBv1.0/ topics decoded to JSON, aliases resolved; other topics as envelope)",
     ),
     var(
         "KAFKA_DLQ_TOPIC",

@@ -76,7 +76,7 @@ pub fn encode(id: u64, records: &[Record], out: &mut Vec<u8>) {
         let topic = match &record.topic {
             Topic::Named(name) => name.as_str(),
             // Unmapped records are never spooled (there is nothing to write).
-            Topic::Default | Topic::Unmapped => "",
+            Topic::Default | Topic::Unmapped | Topic::Dropped(_) => "",
         };
         put(out, topic.as_bytes());
         // A key other than the MQTT topic is stored as the key, and the MQTT topic as a first
