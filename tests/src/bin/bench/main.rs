@@ -9,6 +9,7 @@
 
 mod downlink;
 mod publisher;
+mod sparkplug;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +33,9 @@ const USAGE: &str =
                  [--outage-hold SECONDS]   (keep Kafka cut that long after everything is spooled)
                  [--topics N]   (N MQTT topics per publisher, each mapped to a Kafka topic of its own)
                  [--headers none|all|LIST]   (the bridge's KAFKA_HEADERS)
-                 [--downlink]   (Kafka → MQTT: the downlink against a plain consumer and client)";
+                 [--downlink]   (Kafka → MQTT: the downlink against a plain consumer and client)
+                 [--sparkplug]   (Sparkplug B NDATA payloads of 20 alias-only metrics on spBv1.0/bench/NDATA/<p>)
+                 [--format envelope|raw|json|sparkplug-json]   (the bridge's KAFKA_VALUE_FORMAT)";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -55,6 +58,10 @@ struct Options {
     headers: String,
     /// Measure the downlink (Kafka → MQTT) instead.
     downlink: bool,
+    /// Sparkplug B payloads (after one NBIRTH per publisher).
+    sparkplug: bool,
+    /// `KAFKA_VALUE_FORMAT` of the bridge.
+    format: String,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -75,6 +82,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         topics: 1,
         headers: "none".to_owned(),
         downlink: false,
+        sparkplug: false,
+        format: "envelope".to_owned(),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -88,6 +97,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
         }
         if flag == "--downlink" {
             o.downlink = true;
+            continue;
+        }
+        if flag == "--sparkplug" {
+            o.sparkplug = true;
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -110,6 +123,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--outage-hold" => o.outage_hold = number()?,
             "--topics" => o.topics = number()?.max(1),
             "--headers" => o.headers = value.clone(),
+            "--format" => o.format = value.clone(),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -193,7 +207,11 @@ async fn publish(port: u16, o: &Options, topic_prefix: &str) {
                 qos: o.qos,
                 rate: o.rate / o.publishers,
             };
-            publisher::publish(load, |seq, body| payload(seq, o.size, body)).await;
+            if o.sparkplug {
+                publisher::publish(load, sparkplug::ndata).await;
+            } else {
+                publisher::publish(load, |seq, body| payload(seq, o.size, body)).await;
+            }
         }));
     }
     for task in tasks {
@@ -204,13 +222,19 @@ async fn publish(port: u16, o: &Options, topic_prefix: &str) {
 /// The publish time carried by a record: the first 8 bytes of the envelope's payload. Only
 /// those 12 base64 characters are decoded, so reading back costs the machine (which the
 /// bridge shares with this benchmark) as little as it can.
-fn sent_micros(value: &[u8]) -> Option<u64> {
+fn sent_micros(value: &[u8], sparkplug: bool) -> Option<u64> {
+    if sparkplug && !value.starts_with(br#"{"topic""#) {
+        return sparkplug::sent_micros_json(value);
+    }
     const CONTENT: &[u8] = br#"","content":""#;
     let start = value.windows(CONTENT.len()).position(|w| w == CONTENT)? + CONTENT.len();
     let mut head = [0u8; 9];
     base64::engine::general_purpose::STANDARD
         .decode_slice(value.get(start..start + 12)?, &mut head)
         .ok()?;
+    if sparkplug {
+        return sparkplug::sent_micros_protobuf(&head);
+    }
     Some(u64::from_le_bytes(head[..8].try_into().ok()?))
 }
 
@@ -222,6 +246,7 @@ fn read_kafka(
     expected: u64,
     progress: &AtomicU64,
     ready: tokio::sync::oneshot::Sender<()>,
+    sparkplug: bool,
 ) -> Vec<Duration> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -242,7 +267,7 @@ fn read_kafka(
     consumer.assign(&assignment).expect("assign");
     let mut latencies = Vec::with_capacity(expected as usize);
     let mut record = |message: &rdkafka::message::BorrowedMessage<'_>| {
-        if let Some(sent) = message.payload().and_then(sent_micros) {
+        if let Some(sent) = message.payload().and_then(|v| sent_micros(v, sparkplug)) {
             latencies.push(Duration::from_micros(now_micros().saturating_sub(sent)));
             progress.fetch_add(1, Ordering::Relaxed);
         }
@@ -355,13 +380,19 @@ async fn run_bridge(o: &Options) -> Figures {
     } else {
         String::new()
     };
+    let (prefix, filter) = if o.sparkplug {
+        ("spBv1.0/bench/NDATA", "spBv1.0/bench/#")
+    } else {
+        ("bench", "bench/#")
+    };
     let env = bridge_env(
         mqtt.port(),
         kafka_port,
         &topic,
-        "bench/#",
+        filter,
         // Fast failure settings, so the outage run's spooling starts after 3 s, not 30.
         &with_fast_failure(&[
+            ("KAFKA_VALUE_FORMAT", &o.format),
             ("KAFKA_TOPIC_MAP", &map),
             ("KAFKA_HEADERS", &o.headers),
             ("MQTT_QOS", &qos),
@@ -377,12 +408,26 @@ async fn run_bridge(o: &Options) -> Figures {
     );
     let bridge = BridgeProcess::start(&env);
     bridge.wait_subscribed().await;
+    if o.sparkplug {
+        // Each publisher is an edge node: its NBIRTH names the aliases its NDATA carry.
+        let births = mkb_tests::Publisher::connect(mqtt.port()).await;
+        for p in 0..o.publishers {
+            births
+                .publish(
+                    &format!("spBv1.0/bench/NBIRTH/{p}"),
+                    sparkplug::nbirth(),
+                    QoS::AtLeastOnce,
+                )
+                .await;
+        }
+        births.wait_acked(o.publishers).await;
+    }
     let mut outage = None;
     let mut expected = o.messages;
     if let Some(proxy) = &proxy {
         proxy.set(mkb_tests::Fault::Down);
         let started = Instant::now();
-        publish(mqtt.port(), o, "bench").await;
+        publish(mqtt.port(), o, prefix).await;
         let spool = ["bridge_spool_records"];
         eprintln!(
             "  outage: waiting until all {} messages are spooled or counted as dropped",
@@ -430,12 +475,22 @@ async fn run_bridge(o: &Options) -> Figures {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let reader = tokio::task::spawn_blocking({
         let brokers = kafka.brokers();
-        move || read_kafka(&brokers, &kafka_topics, expected, &progress, ready_tx)
+        let sparkplug = o.sparkplug;
+        move || {
+            read_kafka(
+                &brokers,
+                &kafka_topics,
+                expected,
+                &progress,
+                ready_tx,
+                sparkplug,
+            )
+        }
     });
     let _ = ready_rx.await;
     let started = Instant::now();
     if !o.outage {
-        publish(mqtt.port(), o, "bench").await;
+        publish(mqtt.port(), o, prefix).await;
     }
     let latencies = reader.await.expect("reader");
     let seconds = started.elapsed().as_secs_f64();
@@ -565,7 +620,7 @@ async fn main() {
     }
     eprintln!("bridge run: {o:?}");
     let mut bridge = run_bridge(&o).await;
-    let mut baseline = if o.baseline && !o.outage {
+    let mut baseline = if o.baseline && !o.outage && !o.sparkplug {
         eprintln!("baseline run (no-op subscriber)");
         Some(run_baseline(&o).await)
     } else {
