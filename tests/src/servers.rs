@@ -11,12 +11,24 @@ const MOSQUITTO_INSTALL: &str =
 const TANSU_INSTALL: &str = "install it with `cargo install tansu --version 0.6.0 --features \
      dynostore --locked` (or run `bash .ci/run`)";
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, never handed out before in this process.
+///
+/// Taken below the kernel's ephemeral range (32768–60999 on Linux): a port from that range can
+/// be taken by an outgoing connection (a Kafka or MQTT client's) between this check and the
+/// server's bind, which failed a bridge's start with "Address already in use" in CI.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port on 127.0.0.1")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..10_000 {
+        let port = fastrand::u16(20_000..32_000);
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between 20000 and 32000")
 }
 
 /// Finds an executable on PATH or in the usual places, or fails the test saying how to install it.
