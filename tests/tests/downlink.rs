@@ -505,12 +505,18 @@ async fn the_lag_gauge_counts_records_waiting_for_the_mqtt_broker() {
             }
         }
     };
-    // A committed offset on each partition first: until then librdkafka knows no lag.
+    // The first 20 committed first: until a partition has a committed offset librdkafka
+    // reports no lag for it (and the gauge's 0 proves nothing).
     write(0, 20).await;
     subscriber
         .wait_until(DEADLINE, "the first 20", |r| r.len() >= 20)
         .await;
-    lag(&bridge, 0.0).await;
+    let brokers = setup.kafka.brokers();
+    eventually(DEADLINE, "the first 20 committed", || {
+        let (brokers, topic) = (brokers.clone(), setup.commands.clone());
+        async move { (committed(brokers, topic, 2).await == 20).then_some(()) }
+    })
+    .await;
     proxy.set(Fault::Down);
     write(20, 220).await;
     // At least 200 (seen: 200, and 201 in runs beside other tests: a record the test's
@@ -533,6 +539,35 @@ async fn the_lag_gauge_counts_records_waiting_for_the_mqtt_broker() {
         .await;
     lag(&bridge, 0.0).await;
     bridge.stop().await.expect("clean stop");
+}
+
+/// The offsets the downlink's consumer group committed on `partitions` partitions of `topic`,
+/// summed (an OffsetFetch: the asking consumer does not join the group).
+async fn committed(brokers: String, topic: String, partitions: i32) -> i64 {
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "mqtt-kafka-bridge-downlink")
+            .create()
+            .expect("a consumer");
+        let mut list = rdkafka::TopicPartitionList::new();
+        for partition in 0..partitions {
+            list.add_partition(&topic, partition);
+        }
+        consumer
+            .committed_offsets(list, Duration::from_secs(5))
+            .map(|list| {
+                list.elements()
+                    .iter()
+                    .filter_map(|e| e.offset().to_raw())
+                    .filter(|offset| *offset >= 0)
+                    .sum()
+            })
+            .unwrap_or(0)
+    })
+    .await
+    .expect("offset fetch")
 }
 
 /// Waits until `bridge_downlink_consumer_lag` is 0, or at least `wanted`; returns the metrics
