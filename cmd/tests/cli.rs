@@ -39,6 +39,11 @@ fn every_bad_value_exits_64_with_one_line_naming_the_variable() {
         (with_required(&[("LOG_FORMAT", "xml")]), "LOG_FORMAT"),
         (with_required(&[("MQTT_PORT", "eighteen")]), "MQTT_PORT"),
         (with_required(&[("MQTT_PORT", "0")]), "MQTT_PORT"),
+        (
+            with_required(&[("MQTT_TRANSPORT", "udp")]),
+            "MQTT_TRANSPORT",
+        ),
+        (with_required(&[("MQTT_WS_PATH", "mqtt")]), "MQTT_WS_PATH"),
         (with_required(&[("KAFKA_PORT", "65536")]), "KAFKA_PORT"),
         (with_required(&[("HEALTH_PORT", "-1")]), "HEALTH_PORT"),
         (with_required(&[("ROOT_CA", &missing)]), "ROOT_CA"),

@@ -396,6 +396,17 @@ impl Downlink {
                 return;
             }
         };
+        // Over WebSockets the downlink's connection goes through an adapter of its own.
+        let _adapter = match mkb_mqtt::websocket::endpoint(&self.config.mqtt) {
+            Ok((local, adapter)) => {
+                self.config.mqtt = local;
+                adapter
+            }
+            Err(e) => {
+                warn!(error = %e, "Downlink: cannot start the WebSocket adapter; downlink off.");
+                return;
+            }
+        };
         info!(topics = ?self.config.topics, group = %self.config.group_id, "Downlink started.");
         let mut flight = Flight::new(Connection::new(&self.config));
         let mut commit = tokio::time::interval(self.config.commit_interval);
@@ -783,6 +794,7 @@ mod tests {
             reconnect_max: Duration::from_secs(5),
             ack_mode: AckMode::AfterWrite,
             shutdown_grace: Duration::from_secs(5),
+            websocket_path: None,
         };
         let config = DownlinkConfig {
             brokers: "kafka.invalid:9092".to_owned(),

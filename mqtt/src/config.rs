@@ -57,6 +57,22 @@ pub struct MqttConfig {
     pub ack_mode: AckMode,
     /// How long a shutdown waits for the acknowledgements of messages already passed on.
     pub shutdown_grace: Duration,
+    /// `MQTT_TRANSPORT=ws`: MQTT over WebSockets to this path (`MQTT_WS_PATH`); `None`: TCP.
+    pub websocket_path: Option<String>,
+}
+
+impl MqttConfig {
+    /// The broker as logs name it: `host:port`, and the WebSocket URL's scheme and path when
+    /// there is one.
+    pub fn broker_label(&self) -> String {
+        match &self.websocket_path {
+            None => format!("{}:{}", self.host, self.port),
+            Some(path) => {
+                let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+                format!("{scheme}://{}:{}{path}", self.host, self.port)
+            }
+        }
+    }
 }
 
 /// When QoS 1/2 messages are acknowledged to the broker.

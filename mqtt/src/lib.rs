@@ -1,5 +1,5 @@
 //! The MQTT side of the bridge: one task that owns the rumqttc event loop, MQTT 3.1.1 or 5,
-//! over TCP or TLS.
+//! over TCP, TLS or WebSockets ([`websocket`]).
 //!
 //! [`MqttSource`] connects, subscribes to every configured filter, and hands each received
 //! publish on as a [`mkb_bridge::Message`] through a bounded channel. It reconnects forever with
@@ -14,6 +14,7 @@ mod metrics;
 mod skip;
 mod source;
 mod tls;
+pub mod websocket;
 
 pub use backoff::Backoff;
 pub use config::{AckMode, Credentials, MqttConfig, MqttVersion};

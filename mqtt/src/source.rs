@@ -72,6 +72,8 @@ struct Unacked {
 /// The MQTT client task; see the module documentation.
 pub struct MqttSource {
     config: MqttConfig,
+    /// The broker as logs name it (its address, and the WebSocket path when there is one).
+    broker: String,
     metrics: MqttMetrics,
     status: watch::Sender<MqttStatus>,
     /// Receipt number of the last message taken off the connection.
@@ -103,6 +105,7 @@ impl MqttSource {
     pub fn new(config: MqttConfig, metrics: MqttMetrics) -> Self {
         let (status, _) = watch::channel(MqttStatus::default());
         Self {
+            broker: config.broker_label(),
             config,
             metrics,
             status,
@@ -124,11 +127,23 @@ impl MqttSource {
     /// Runs until `shutdown` completes, then drains and disconnects. `done` is the Kafka side's
     /// report of finished messages (used with `after-write` acknowledgements).
     pub async fn run(
-        self,
+        mut self,
         output: mpsc::Sender<Message>,
         done: AckWatermark,
         shutdown: impl Future<Output = ()>,
     ) {
+        // Over WebSockets the clients (this one and the read-past side connection) reach the
+        // broker through a loopback adapter, kept until the task ends.
+        let _adapter = match crate::websocket::endpoint(&self.config) {
+            Ok((local, adapter)) => {
+                self.config = local;
+                adapter
+            }
+            Err(e) => {
+                error!(error = %e, "Cannot start the WebSocket adapter; MQTT task stopped.");
+                return;
+            }
+        };
         let connection = Connection::new(&self.config);
         let stamping = tokio::spawn(self.metrics.clone().stamp_last_message());
         self.run_on(connection, output, done, shutdown).await;
@@ -143,7 +158,7 @@ impl MqttSource {
         mut done: AckWatermark,
         shutdown: impl Future<Output = ()>,
     ) {
-        let broker = format!("{}:{}", self.config.host, self.config.port);
+        let broker = self.broker.clone();
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         let mut acks_open = self.config.ack_mode == AckMode::AfterWrite;
         tokio::pin!(shutdown);
@@ -691,6 +706,7 @@ pub(crate) mod tests {
             reconnect_max: Duration::from_secs(5),
             ack_mode,
             shutdown_grace: Duration::from_secs(5),
+            websocket_path: None,
         }
     }
 

@@ -202,3 +202,26 @@ fn openssl(dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A Mosquitto whose main port takes TLS with a certificate from a fresh CA in `dir` (and, with
+/// `websockets`, speaks MQTT over WebSockets there); its plain port stays open for test
+/// clients. Returns the CA, for `ROOT_CA` and client certificates.
+pub fn tls_broker(
+    dir: &Path,
+    require_certificate: bool,
+    websockets: bool,
+) -> (crate::Mosquitto, TestCa) {
+    let ca = TestCa::new(dir, "trusted");
+    let server = ca.issue("server");
+    let mqtt = crate::Mosquitto::start_with(crate::MosquittoOptions {
+        tls: Some(crate::ListenerTls {
+            ca_file: ca.cert.clone(),
+            cert_file: server.cert,
+            key_file: server.key,
+            require_certificate,
+        }),
+        websockets,
+        ..crate::MosquittoOptions::default()
+    });
+    (mqtt, ca)
+}

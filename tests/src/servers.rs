@@ -96,6 +96,10 @@ pub struct MosquittoOptions {
     /// The text of an `acl_file` (its lines before any `user` line apply to anonymous
     /// clients).
     pub acl: Option<String>,
+    /// The main port speaks MQTT over WebSockets (with TLS when `tls` is set); test clients use
+    /// the plain TCP listener on `plain_port` (Mosquitto 2.0.11 also refuses to start with a
+    /// websockets listener alone).
+    pub websockets: bool,
 }
 
 /// A Mosquitto broker with a generated configuration in its own temporary directory.
@@ -122,7 +126,7 @@ impl Mosquitto {
         let mut failures = Vec::new();
         for _ in 0..5 {
             let port = free_port();
-            let plain_port = if options.tls.is_some() {
+            let plain_port = if options.tls.is_some() || options.websockets {
                 free_port()
             } else {
                 port
@@ -171,6 +175,9 @@ impl Mosquitto {
              log_dest file {log}\nmax_queued_messages 10000000\n",
             log = dir.join("mosquitto.log").display()
         );
+        if options.websockets {
+            text.push_str("protocol websockets\n");
+        }
         if let Some(inflight) = options.max_inflight {
             text.push_str(&format!("max_inflight_messages {inflight}\n"));
         }
@@ -183,6 +190,9 @@ impl Mosquitto {
                 tls.key_file.display(),
                 tls.require_certificate
             ));
+        }
+        if options.websockets && options.tls.is_none() {
+            text.push_str(&format!("listener {plain_port} 127.0.0.1\n"));
         }
         match &options.user {
             Some((user, password)) => {

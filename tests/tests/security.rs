@@ -54,18 +54,7 @@ async fn refusal_reason(mqtt: &Mosquitto, overrides: &[(&str, &str)]) -> String 
 }
 
 fn tls_broker(dir: &std::path::Path, require_certificate: bool) -> (Mosquitto, TestCa) {
-    let ca = TestCa::new(dir, "trusted");
-    let server = ca.issue("server");
-    let mqtt = Mosquitto::start_with(MosquittoOptions {
-        tls: Some(ListenerTls {
-            ca_file: ca.cert.clone(),
-            cert_file: server.cert,
-            key_file: server.key,
-            require_certificate,
-        }),
-        ..MosquittoOptions::default()
-    });
-    (mqtt, ca)
+    mkb_tests::certs::tls_broker(dir, require_certificate, false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,4 +226,69 @@ async fn v1_certificates_and_every_key_format_from_the_openssl_command_line_work
         eprintln!("v1 client certificate, key {format:?}: bridged");
         bridge.stop().await.expect("clean stop");
     }
+}
+
+/// MQTT over WebSockets (`MQTT_TRANSPORT=ws`) to Mosquitto's `protocol websockets` listener:
+/// the uplink and the downlink both go through the bridge's WebSocket adapter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_websockets_carries_the_uplink_and_the_downlink() {
+    init_logging();
+    let mqtt = Mosquitto::start_with(MosquittoOptions {
+        websockets: true,
+        ..MosquittoOptions::default()
+    });
+    let kafka = Tansu::start();
+    let topic = format!("mqtt-{}", unique());
+    let config = bridge_config(
+        mqtt.port(),
+        kafka.port(),
+        &topic,
+        "ws/#",
+        &[
+            ("MQTT_TRANSPORT", "ws"),
+            ("DOWNLINK_KAFKA_TOPICS", &topic),
+            ("DOWNLINK_OFFSET_RESET", "earliest"),
+            ("DOWNLINK_MQTT_TOPIC", "back/{key}"),
+        ],
+    );
+    let bridge = RunningBridge::start(config).await.expect("bridge starts");
+    bridge.wait_subscribed().await;
+    let subscriber = mkb_tests::mqtt::Subscriber::connect(mqtt.plain_port(), "back/#").await;
+    let publisher = Publisher::connect(mqtt.plain_port()).await;
+    publisher
+        .publish("ws/a", "over WebSockets", QoS::AtLeastOnce)
+        .await;
+    let mut reader = KafkaReader::new(&kafka.brokers(), &topic).await;
+    let received = reader.read_exactly(1, Duration::from_secs(30)).await;
+    assert_eq!(received[0].payload, b"over WebSockets");
+    // The downlink reads the record back and publishes it over its own WebSocket.
+    let back = subscriber
+        .wait_until(Duration::from_secs(60), "the downlink's publish", |r| {
+            !r.is_empty()
+        })
+        .await;
+    assert_eq!(back[0].0, "back/ws/a");
+    assert_eq!(back[0].1, b"over WebSockets");
+    bridge.stop().await.expect("clean stop");
+}
+
+/// The same over TLS (`wss://`), MQTT 5, with the broker's certificate checked against
+/// `ROOT_CA` through OpenSSL as for TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_5_over_websockets_with_tls() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mqtt, ca) = mkb_tests::certs::tls_broker(dir.path(), false, true);
+    let ca_file = ca.cert.display().to_string();
+    bridges_one_message(
+        &mqtt,
+        None,
+        &[
+            ("MQTT_TRANSPORT", "ws"),
+            ("MQTT_TLS", "true"),
+            ("ROOT_CA", &ca_file),
+            ("MQTT_VERSION", "5"),
+        ],
+    )
+    .await;
 }

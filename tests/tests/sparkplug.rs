@@ -6,7 +6,11 @@
 use std::time::Duration;
 
 use mkb_bridge::sparkplug::proto::{Metric, MetricValue, Payload};
-use mkb_tests::{KafkaReader, Publisher, RunningBridge, bridge_config, brokers, init_logging};
+use mkb_tests::certs::tls_broker;
+use mkb_tests::{
+    KafkaReader, Mosquitto, MosquittoOptions, Publisher, RunningBridge, Tansu, bridge_config,
+    init_logging, unique,
+};
 use prost::Message as _;
 use rumqttc::QoS;
 use serde_json::{Value, json};
@@ -37,27 +41,57 @@ fn payload(seq: u64, metrics: Vec<Metric>) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn births_then_alias_only_data_read_back_with_names() {
     init_logging();
-    let (kafka, mqtt, topic) = brokers();
-    let dlq = format!("dlq-{}", mkb_tests::unique());
-    let config = bridge_config(
-        mqtt.port(),
-        kafka.port(),
-        &topic,
-        "spBv1.0/#",
+    births_then_data(&Mosquitto::start(), &[]).await;
+}
+
+/// The same messages over MQTT over WebSockets (Mosquitto's `protocol websockets` listener).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_over_websockets() {
+    init_logging();
+    let mqtt = Mosquitto::start_with(MosquittoOptions {
+        websockets: true,
+        ..MosquittoOptions::default()
+    });
+    births_then_data(&mqtt, &[("MQTT_TRANSPORT", "ws")]).await;
+}
+
+/// The same over WebSockets with TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_over_websockets_with_tls() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mqtt, ca) = tls_broker(dir.path(), false, true);
+    let ca_file = ca.cert.display().to_string();
+    births_then_data(
+        &mqtt,
         &[
-            ("KAFKA_VALUE_FORMAT", "sparkplug-json"),
-            // One topic, keyed by edge node: a node's messages keep their order.
-            (
-                "KAFKA_TOPIC_MAP",
-                &format!("spBv1.0/{{group}}/{{type}}/{{node}}/#={topic}"),
-            ),
-            ("KAFKA_KEY", "{node}"),
-            ("KAFKA_DLQ_TOPIC", &dlq),
+            ("MQTT_TRANSPORT", "ws"),
+            ("MQTT_TLS", "true"),
+            ("ROOT_CA", &ca_file),
         ],
-    );
+    )
+    .await;
+}
+
+/// NBIRTH, DBIRTH, alias-only NDATA and DDATA, a bad payload and STATE, published to `mqtt`
+/// (through its plain port), read back from Kafka; the bridge has `overrides` too.
+async fn births_then_data(mqtt: &Mosquitto, overrides: &[(&str, &str)]) {
+    let kafka = Tansu::start();
+    let topic = format!("mqtt-{}", unique());
+    let dlq = format!("dlq-{}", unique());
+    let map = format!("spBv1.0/{{group}}/{{type}}/{{node}}/#={topic}");
+    let mut settings = vec![
+        ("KAFKA_VALUE_FORMAT", "sparkplug-json"),
+        // One topic, keyed by edge node: a node's messages keep their order.
+        ("KAFKA_TOPIC_MAP", map.as_str()),
+        ("KAFKA_KEY", "{node}"),
+        ("KAFKA_DLQ_TOPIC", dlq.as_str()),
+    ];
+    settings.extend_from_slice(overrides);
+    let config = bridge_config(mqtt.port(), kafka.port(), &topic, "spBv1.0/#", &settings);
     let bridge = RunningBridge::start(config).await.expect("bridge starts");
     bridge.wait_subscribed().await;
-    let publisher = Publisher::connect(mqtt.port()).await;
+    let publisher = Publisher::connect(mqtt.plain_port()).await;
     let messages: Vec<(&str, Vec<u8>)> = vec![
         (
             "spBv1.0/plant/NBIRTH/edge1",

@@ -107,6 +107,26 @@ fn mqtt(
         }
     })?;
     let tls = tls(vars)?;
+    // Checked whatever the transport, so a bad path is reported before it matters.
+    let path = vars.parse("MQTT_WS_PATH", |value, name| {
+        if value.starts_with('/') && !value.contains(char::is_whitespace) {
+            Ok(value.to_owned())
+        } else {
+            Err(ConfigError::invalid(
+                name,
+                value,
+                "a URL path starting with / (e.g. /mqtt)",
+            ))
+        }
+    })?;
+    let websocket_path = match vars.parse("MQTT_TRANSPORT", |value, name| match value {
+        "tcp" => Ok(false),
+        "ws" => Ok(true),
+        _ => Err(ConfigError::invalid(name, value, "tcp or ws")),
+    })? {
+        false => None,
+        true => Some(path),
+    };
     Ok(MqttConfig {
         host: vars.parse("MQTT_BROKER", host)?,
         port: match vars.parse_opt("MQTT_PORT", port)? {
@@ -128,6 +148,7 @@ fn mqtt(
         reconnect_max: Duration::from_secs(30),
         ack_mode: vars.parse("MQTT_ACK", ack_mode)?,
         shutdown_grace: shutdown_timeout.mul_f64(0.75),
+        websocket_path,
         client_id,
     })
 }

@@ -76,6 +76,16 @@ pub const VARIABLES: &[Variable] = &[
         None,
         "password of an encrypted MQTT_CLIENT_KEY (never logged)",
     ),
+    var(
+        "MQTT_TRANSPORT",
+        Some("tcp"),
+        "tcp, or ws for MQTT over WebSockets (wss with TLS)",
+    ),
+    var(
+        "MQTT_WS_PATH",
+        Some("/mqtt"),
+        "with MQTT_TRANSPORT=ws: the path of the broker's WebSocket endpoint",
+    ),
     var("MQTT_USERNAME", None, "user name for the MQTT broker"),
     var(
         "MQTT_PASSWORD",
