@@ -133,10 +133,11 @@ impl Link for Connection {
     }
 
     fn disconnect(&self) {
-        let _ = match self {
-            Self::V311 { client, .. } => client.try_disconnect().is_ok(),
-            Self::V5 { client, .. } => client.try_disconnect().is_ok(),
-        };
+        // Best effort: a full request channel means the connection is going anyway.
+        match self {
+            Self::V311 { client, .. } => drop(client.try_disconnect()),
+            Self::V5 { client, .. } => drop(client.try_disconnect()),
+        }
     }
 }
 

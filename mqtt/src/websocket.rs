@@ -7,8 +7,6 @@
 //! (subprotocol `mqtt`, MQTT 3.1.1 and 5 alike), TLS through the same OpenSSL connector as the
 //! TCP transport. One adapter per task (uplink, downlink); it stops with its owner.
 
-use std::net::SocketAddr;
-
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,7 +21,6 @@ use crate::MqttConfig;
 
 /// A running adapter; dropping it stops it (and the connections it carries).
 pub struct Adapter {
-    addr: SocketAddr,
     task: JoinHandle<()>,
 }
 
@@ -59,14 +56,7 @@ pub fn endpoint(config: &MqttConfig) -> std::io::Result<(MqttConfig, Option<Adap
     local.port = addr.port();
     local.tls = None;
     local.websocket_path = None;
-    Ok((local, Some(Adapter { addr, task })))
-}
-
-impl Adapter {
-    /// The loopback address the MQTT clients connect to.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
+    Ok((local, Some(Adapter { task })))
 }
 
 /// Carries one MQTT connection: opens the WebSocket, then copies bytes both ways until either

@@ -285,13 +285,6 @@ async fn kill_9_five_times_loses_no_record() {
     // Written at about 250 a second while the bridges come and go (each takes seconds to join
     // the consumer group).
     let (produce, _) = paced_writes(&kafka.brokers(), commands, count, 4, 4);
-    let distinct = |received: &[(String, Vec<u8>)]| {
-        received
-            .iter()
-            .map(|(_, p)| p.as_slice())
-            .collect::<std::collections::HashSet<_>>()
-            .len() as u64
-    };
     let mut kills = 0;
     while kills < 5 && distinct(&subscriber.received()) < count {
         let before = subscriber.received().len();
@@ -645,13 +638,6 @@ async fn two_replicas_share_the_partitions_and_a_killed_one_s_move_without_loss(
     let by_second_at_stop = published(&second).await;
     let written_at_stop = written.load(Ordering::Relaxed);
     produce.await.expect("producer");
-    let distinct = |received: &[(String, Vec<u8>)]| {
-        received
-            .iter()
-            .map(|(_, p)| p.as_slice())
-            .collect::<std::collections::HashSet<_>>()
-            .len() as u64
-    };
     let received = subscriber
         .wait_until(DEADLINE, "every record at least once", |r| {
             distinct(r) >= count
@@ -703,6 +689,15 @@ fn paced_writes(
         }
     });
     (task, written)
+}
+
+/// How many different payloads were received.
+fn distinct(received: &[(String, Vec<u8>)]) -> u64 {
+    received
+        .iter()
+        .map(|(_, p)| p.as_slice())
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u64
 }
 
 /// Downlink publishes the broker acknowledged, as a bridge process reports them.
