@@ -1,20 +1,29 @@
 //! The batcher task: turns the stream of MQTT messages into Kafka batches.
 //!
-//! A batch is sent when it holds `max_records` records or when `interval` has passed since its
-//! first record, whichever comes first. Order is kept: records leave in the order messages came
-//! in. When its input closes (shutdown), the open batch is sent and the task ends, which closes
-//! the Kafka task's input in turn: that is how the pipeline drains.
+//! Batching adapts to the Kafka side, the way Nagle's algorithm and Kafka producers' "linger
+//! only under load" do. While the Kafka task has nothing in flight ([`KafkaIdle`]), whatever
+//! has arrived is sent at once, so a message at a low rate waits for no one. While a write is
+//! in flight, records gather in the open batch, and it goes out as soon as that write is done.
+//! `max_records` (`KAFKA_BATCH_SIZE`) and `interval` (`KAFKA_INTERVAL`, counted from the
+//! batch's first record) stay upper bounds: a full batch goes at once, and no record waits
+//! longer than the interval, whatever the Kafka side does. Under load batches grow towards the
+//! size of what arrives during one Kafka round trip, so the per-batch costs shrink per message
+//! as the rate rises.
+//!
+//! Order is kept: records leave in the order messages came in. When its input closes
+//! (shutdown), the open batch is sent and the task ends, which closes the Kafka task's input in
+//! turn: that is how the pipeline drains.
 //!
 //! Both channels are bounded. While the Kafka task does not take a batch, the batcher waits and
 //! stops reading messages, so backpressure reaches the MQTT task instead of piling up here.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error};
-
-use std::sync::Arc;
 
 use crate::{Batch, Message, Router};
 
@@ -25,10 +34,41 @@ pub struct BatcherConfig {
     pub max_records: usize,
     /// Longest time a record waits in an open batch.
     pub interval: Duration,
-    /// When set, a batch is also sent once no message arrived for this long. With acks deferred
-    /// until Kafka has a message, the broker sends at most its in-flight window and then waits
-    /// for acknowledgements: waiting out `interval` would only stall the stream.
-    pub idle_flush: Option<Duration>,
+}
+
+/// Whether the Kafka task is waiting for work: no write in flight and no batch queued for it.
+/// The Kafka task sets it; the batcher sends an open batch at once while it is set, and clears
+/// it when it sends one. Starts unset: a batcher without a Kafka task batches by size and
+/// interval alone.
+#[derive(Clone, Debug, Default)]
+pub struct KafkaIdle(Arc<IdleFlag>);
+
+#[derive(Debug, Default)]
+struct IdleFlag {
+    idle: AtomicBool,
+    became_idle: Notify,
+}
+
+impl KafkaIdle {
+    /// Sets or clears the flag, waking the batcher when it turns set.
+    pub fn set(&self, idle: bool) {
+        let was = self.0.idle.swap(idle, Ordering::AcqRel);
+        if idle && !was {
+            self.0.became_idle.notify_one();
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.0.idle.load(Ordering::Acquire)
+    }
+
+    /// Returns once the flag is set. Cancel-safe.
+    async fn wait(&self) {
+        // A wake-up left over from an earlier change costs one more check.
+        while !self.is_idle() {
+            self.0.became_idle.notified().await;
+        }
+    }
 }
 
 /// The batcher task; see the module documentation.
@@ -36,52 +76,52 @@ pub struct Batcher {
     config: BatcherConfig,
     /// Makes each message's record (topic, key, headers, value).
     router: Arc<Router>,
+    kafka_idle: KafkaIdle,
 }
 
 impl Batcher {
-    pub fn new(config: BatcherConfig, router: Arc<Router>) -> Self {
+    pub fn new(config: BatcherConfig, router: Arc<Router>, kafka_idle: KafkaIdle) -> Self {
         assert!(config.max_records > 0, "a batch holds at least one record");
-        Self { config, router }
+        Self {
+            config,
+            router,
+            kafka_idle,
+        }
     }
 
     /// Runs until `input` closes, then sends the open batch and returns.
     pub async fn run(self, mut input: mpsc::Receiver<Message>, output: mpsc::Sender<Batch>) {
         let max = self.config.max_records;
+        let idle = &self.kafka_idle;
         let mut batch = Batch::with_capacity(max);
         let mut incoming = Vec::with_capacity(max.min(1024));
         // Armed when the open batch gets its first record.
-        let mut deadline = Instant::now();
-        let timer = sleep_until(deadline);
+        let timer = sleep_until(Instant::now());
         tokio::pin!(timer);
-        let idle = self.config.idle_flush;
 
         loop {
             let closed = tokio::select! {
                 biased;
                 received = input.recv_many(&mut incoming, max - batch.len()) => received == 0,
+                () = idle.wait(), if !batch.is_empty() => false,
                 () = &mut timer, if !batch.is_empty() => false,
             };
             if !incoming.is_empty() {
                 if batch.is_empty() {
-                    deadline = Instant::now() + self.config.interval;
-                }
-                if let Some(idle) = idle {
-                    // Every arrival pushes the idle deadline back, never past the interval's.
-                    timer.as_mut().reset(deadline.min(Instant::now() + idle));
-                } else if batch.is_empty() {
-                    timer.as_mut().reset(deadline);
+                    timer.as_mut().reset(Instant::now() + self.config.interval);
                 }
                 let router = &self.router;
                 batch
                     .records
                     .extend(incoming.drain(..).map(|message| router.record(message)));
             }
-            let due =
-                batch.len() >= max || (!batch.is_empty() && Instant::now() >= timer.deadline());
+            let due = batch.len() >= max
+                || (!batch.is_empty() && (idle.is_idle() || Instant::now() >= timer.deadline()));
             if (due || closed) && !batch.is_empty() {
-                let full = std::mem::replace(&mut batch, Batch::with_capacity(max));
-                debug!(records = full.len(), "Batch ready.");
-                if output.send(full).await.is_err() {
+                let ready = std::mem::replace(&mut batch, Batch::with_capacity(max));
+                debug!(records = ready.len(), "Batch ready.");
+                idle.set(false);
+                if output.send(ready).await.is_err() {
                     error!("Kafka task stopped before the batcher; records in flight are lost.");
                     return;
                 }
@@ -110,22 +150,29 @@ mod tests {
         )
     }
 
+    /// A batcher whose Kafka side never reports idle: it batches by size and interval alone.
     fn start(
         max_records: usize,
         interval: Duration,
     ) -> (mpsc::Sender<Message>, mpsc::Receiver<Batch>) {
+        let (tx, rx, _) = start_with_idle(max_records, interval);
+        (tx, rx)
+    }
+
+    fn start_with_idle(
+        max_records: usize,
+        interval: Duration,
+    ) -> (mpsc::Sender<Message>, mpsc::Receiver<Batch>, KafkaIdle) {
         let (in_tx, in_rx) = mpsc::channel(64);
         let (out_tx, out_rx) = mpsc::channel(4);
-        let batcher = Batcher::new(
-            BatcherConfig {
-                max_records,
-                interval,
-                idle_flush: None,
-            },
-            Arc::default(),
-        );
+        let idle = KafkaIdle::default();
+        let config = BatcherConfig {
+            max_records,
+            interval,
+        };
+        let batcher = Batcher::new(config, Arc::default(), idle.clone());
         tokio::spawn(batcher.run(in_rx, out_tx));
-        (in_tx, out_rx)
+        (in_tx, out_rx, idle)
     }
 
     fn keys(batch: &Batch) -> Vec<&str> {
@@ -190,31 +237,57 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn idle_flush_sends_as_soon_as_messages_stop_coming() {
-        let (in_tx, in_rx) = mpsc::channel(64);
-        let (out_tx, mut rx) = mpsc::channel(4);
-        let batcher = Batcher::new(
-            BatcherConfig {
-                max_records: 1000,
-                interval: Duration::from_secs(5),
-                idle_flush: Some(Duration::from_millis(2)),
-            },
-            Arc::default(),
+    async fn a_record_goes_at_once_while_kafka_is_idle() {
+        let (tx, mut rx, idle) = start_with_idle(1000, Duration::from_secs(5));
+        idle.set(true);
+        let started = Instant::now();
+        tx.send(message(1)).await.expect("batcher runs");
+        let batch = rx.recv().await.expect("a batch at once");
+        assert_eq!(keys(&batch), ["t/1"]);
+        assert_eq!(started.elapsed(), Duration::ZERO, "no time passes");
+        assert!(!idle.is_idle(), "sending a batch clears the flag");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_gather_while_a_write_is_in_flight_and_go_when_it_is_done() {
+        let (tx, mut rx, idle) = start_with_idle(1000, Duration::from_secs(5));
+        idle.set(true);
+        tx.send(message(1)).await.expect("batcher runs");
+        assert_eq!(rx.recv().await.expect("the first batch").len(), 1);
+        // The first batch is in flight: the next records wait for it.
+        for n in 2..5 {
+            tx.send(message(n)).await.expect("batcher runs");
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing is sent while Kafka is busy"
         );
-        tokio::spawn(batcher.run(in_rx, out_tx));
+        let done = Instant::now();
+        idle.set(true);
+        let batch = rx.recv().await.expect("the gathered records");
+        assert_eq!(keys(&batch), ["t/2", "t/3", "t/4"]);
+        assert_eq!(
+            done.elapsed(),
+            Duration::ZERO,
+            "sent as soon as Kafka is idle"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_goes_while_kafka_is_busy_and_the_interval_bounds_the_rest() {
+        let (tx, mut rx, idle) = start_with_idle(2, Duration::from_millis(250));
+        assert!(!idle.is_idle());
         let started = Instant::now();
         for n in 0..3 {
-            in_tx.send(message(n)).await.expect("batcher runs");
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tx.send(message(n)).await.expect("batcher runs");
         }
-        let batch = rx.recv().await.expect("a batch once idle");
-        assert_eq!(batch.len(), 3, "arrivals 1 ms apart keep the batch open");
-        assert_eq!(batch.last_seq(), 3);
-        assert!(
-            started.elapsed() < Duration::from_millis(10),
-            "{:?}",
-            started.elapsed()
-        );
+        let full = rx.recv().await.expect("a full batch");
+        assert_eq!(keys(&full), ["t/0", "t/1"]);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        let rest = rx.recv().await.expect("the rest after the interval");
+        assert_eq!(keys(&rest), ["t/2"]);
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,6 @@ pub mod route;
 pub mod sparkplug;
 
 pub use acks::{AckHandle, AckWatermark, ack_channel};
-pub use batcher::{Batcher, BatcherConfig};
+pub use batcher::{Batcher, BatcherConfig, KafkaIdle};
 pub use message::{Batch, Key, Message, Properties, QoS, Record, Topic};
 pub use route::Router;

@@ -17,7 +17,7 @@ mod healthcheck;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use mkb_bridge::{Batcher, ack_channel};
+use mkb_bridge::{Batcher, KafkaIdle, ack_channel};
 use mkb_downlink::{Downlink, DownlinkMetrics, DownlinkStatus};
 use mkb_kafka::{KafkaMetrics, KafkaSink, KafkaStatus};
 use mkb_mqtt::{MqttMetrics, MqttSource, MqttStatus};
@@ -148,7 +148,12 @@ impl Bridge {
 
         let (message_tx, message_rx) = mpsc::channel(MESSAGE_QUEUE);
         let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
-        let batcher = Batcher::new(config.batcher.clone(), config.router.clone());
+        let kafka_idle = KafkaIdle::default();
+        let batcher = Batcher::new(
+            config.batcher.clone(),
+            config.router.clone(),
+            kafka_idle.clone(),
+        );
         let batcher = tokio::spawn(batcher.run(message_rx, batch_tx));
         let (stop_mqtt, mqtt_stopped) = oneshot::channel::<()>();
         let source = MqttSource::new(config.mqtt.clone(), mqtt_metrics);
@@ -163,7 +168,7 @@ impl Bridge {
             downlink.as_ref().map(Downlink::status),
             readiness.clone(),
         ));
-        let kafka = tokio::spawn(sink.run(batch_rx));
+        let kafka = tokio::spawn(sink.run(batch_rx, kafka_idle));
         let mqtt = tokio::spawn(source.run(message_tx, ack_watermark, async {
             let _ = mqtt_stopped.await;
         }));

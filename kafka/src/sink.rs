@@ -40,7 +40,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mkb_bridge::{AckHandle, Batch, Record, Topic};
+use mkb_bridge::{AckHandle, Batch, KafkaIdle, Record, Topic};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
@@ -322,8 +322,9 @@ impl KafkaSink {
     }
 
     /// Writes every batch from `input` until it closes, then settles what is in flight and
-    /// saves whatever Kafka has not confirmed to the disk spool.
-    pub async fn run(mut self, mut input: mpsc::Receiver<Batch>) {
+    /// saves whatever Kafka has not confirmed to the disk spool. Tells the batcher through
+    /// `idle` when it waits for work, so a partial batch need not wait to fill.
+    pub async fn run(mut self, mut input: mpsc::Receiver<Batch>, idle: KafkaIdle) {
         loop {
             self.top_up().await;
             let accepting = self.held.is_none()
@@ -331,6 +332,15 @@ impl KafkaSink {
                     State::Direct => self.in_flight.len() < MAX_IN_FLIGHT,
                     State::Failing { .. } | State::Draining { .. } => true,
                 };
+            // Direct: no write in flight. Spooling: between group commits, since a batch is
+            // written and fsynced before the next is taken.
+            let waiting_for_work = accepting
+                && input.is_empty()
+                && match self.state {
+                    State::Direct => self.in_flight.is_empty(),
+                    State::Failing { .. } | State::Draining { .. } => true,
+                };
+            idle.set(waiting_for_work);
             let retry_at = match self.state {
                 State::Failing { retry_at, .. } if self.in_flight.is_empty() => Some(retry_at),
                 _ => None,
@@ -906,6 +916,8 @@ mod tests {
         status: watch::Receiver<KafkaStatus>,
         metrics: KafkaMetrics,
         script: Script,
+        /// What the task tells the batcher.
+        idle: KafkaIdle,
         task: JoinHandle<()>,
         dir: tempfile::TempDir,
     }
@@ -941,13 +953,15 @@ mod tests {
         );
         let status = sink.status();
         let (input, batches) = mpsc::channel(2);
+        let idle = KafkaIdle::default();
         Task {
             input: Some(input),
             acks,
             status,
             metrics,
             script: script.clone(),
-            task: tokio::spawn(sink.run(batches)),
+            idle: idle.clone(),
+            task: tokio::spawn(sink.run(batches, idle)),
             dir,
         }
     }
@@ -1033,6 +1047,22 @@ mod tests {
             .await;
         assert_eq!(script.delivered(), numbers(1, 10));
         assert_eq!(task.metrics.records_sent.get(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_batcher_is_told_when_nothing_is_in_flight() {
+        let script = Script::default();
+        script.otherwise(Outcome::DeliverAfter(Duration::from_millis(100)));
+        let task = start(&script, |_| {}).await;
+        task.until("idle at start", |t| t.idle.is_idle()).await;
+        // The batcher clears the flag as it sends; the task keeps it clear while it writes.
+        task.idle.set(false);
+        task.send(batch(1, 3)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!task.idle.is_idle(), "a write is in flight");
+        task.until("idle once the write is done", |t| t.idle.is_idle())
+            .await;
+        assert_eq!(task.watermark(), 3);
     }
 
     #[tokio::test(start_paused = true)]

@@ -49,14 +49,21 @@ impl BridgeProcess {
     /// Starts the binary with exactly `env` (nothing inherited but PATH), in an empty working
     /// directory, serving HTTP on a fresh port.
     pub fn start(env: &[(String, String)]) -> Self {
+        // MKB_BRIDGE_WRAPPER runs the bridge under a profiler, e.g. `heaptrack` or `perf record`.
+        let wrapper = std::env::var("MKB_BRIDGE_WRAPPER").unwrap_or_default();
+        let wrapper: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
+        Self::start_under(env, &wrapper)
+    }
+
+    /// [`Self::start`] with the binary run by `wrapper` (a program and its arguments, the
+    /// bridge's path appended), or directly when it is empty.
+    pub fn start_under(env: &[(String, String)], wrapper: &[String]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for the bridge");
         let port = crate::servers::free_port();
         let stdout = std::fs::File::create(dir.path().join("stdout")).expect("stdout file");
         let stderr = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
         let binary = bridge_binary();
-        // MKB_BRIDGE_WRAPPER runs the bridge under a profiler, e.g. `heaptrack` or `perf record`.
-        let wrapper = std::env::var("MKB_BRIDGE_WRAPPER").unwrap_or_default();
-        let mut words = wrapper.split_whitespace();
+        let mut words = wrapper.iter();
         let mut command = match words.next() {
             Some(program) => {
                 let mut command = Command::new(program);

@@ -24,9 +24,6 @@ use super::values::{
 use super::variables::{KAFKA_PROPERTY_PREFIX, Vars};
 use super::{Config, ConfigError};
 
-/// With deferred acknowledgements, a batch is also sent once no message came for this long.
-pub(super) const IDLE_FLUSH: Duration = Duration::from_millis(2);
-
 /// The whole configuration.
 pub(super) fn config(vars: &Vars, host_name: &str) -> Result<Config, ConfigError> {
     let log = LogConfig {
@@ -54,7 +51,6 @@ pub(super) fn config(vars: &Vars, host_name: &str) -> Result<Config, ConfigError
     let batcher = BatcherConfig {
         max_records: vars.parse("KAFKA_BATCH_SIZE", |v, n| number(v, n, 1, 1_000_000))?,
         interval: vars.parse("KAFKA_INTERVAL", positive_duration)?,
-        idle_flush: deferred_acks.then_some(IDLE_FLUSH),
     };
     let max_batch_size = vars.parse("KAFKA_MAX_BATCH_SIZE", |value, name| {
         match number(value, name, 1, 1_000_000)? {

@@ -182,7 +182,6 @@ mod tests {
     use mkb_kafka::FullPolicy;
     use mkb_mqtt::AckMode;
 
-    use super::build::IDLE_FLUSH;
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -263,14 +262,12 @@ mod tests {
     }
 
     #[test]
-    fn after_write_acks_persist_spooled_records_and_flush_on_idle() {
+    fn after_write_acks_persist_spooled_records() {
         let config = load_env(&[]).expect("valid");
         assert_eq!(config.mqtt.ack_mode, AckMode::AfterWrite);
         assert!(config.kafka.spool.persist_all);
-        assert_eq!(config.batcher.idle_flush, Some(IDLE_FLUSH));
         let on_receipt = load_env(&[("MQTT_ACK", "on-receipt")]).expect("valid");
         assert!(!on_receipt.kafka.spool.persist_all);
-        assert_eq!(on_receipt.batcher.idle_flush, None);
         let qos0 = load_env(&[("MQTT_QOS", "0")]).expect("valid");
         assert!(
             !qos0.kafka.spool.persist_all,

@@ -7,6 +7,7 @@
 //! the same load into a no-op MQTT subscriber that acknowledges at once (the baseline: what
 //! broker and publishers alone manage) and prints one table with the ratio.
 
+mod cpu;
 mod downlink;
 mod publisher;
 mod sparkplug;
@@ -35,7 +36,8 @@ const USAGE: &str =
                  [--headers none|all|LIST]   (the bridge's KAFKA_HEADERS)
                  [--downlink]   (Kafka → MQTT: the downlink against a plain consumer and client)
                  [--sparkplug]   (Sparkplug B NDATA payloads of 20 alias-only metrics on spBv1.0/bench/NDATA/<p>)
-                 [--format envelope|raw|json|sparkplug-json]   (the bridge's KAFKA_VALUE_FORMAT)";
+                 [--format envelope|raw|json|sparkplug-json]   (the bridge's KAFKA_VALUE_FORMAT)
+                 [--cpu]   (count the bridge's instructions per message under callgrind; no baseline)";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -62,6 +64,8 @@ struct Options {
     sparkplug: bool,
     /// `KAFKA_VALUE_FORMAT` of the bridge.
     format: String,
+    /// Count the bridge's instructions under callgrind.
+    cpu: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -74,7 +78,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         mqtt_version: "3.1.1".to_owned(),
         ack: "after-write".to_owned(),
         batch_size: "1000".to_owned(),
-        interval: "5ms".to_owned(),
+        interval: "5s".to_owned(),
         inflight: 20,
         baseline: true,
         outage: false,
@@ -84,6 +88,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         downlink: false,
         sparkplug: false,
         format: "envelope".to_owned(),
+        cpu: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -101,6 +106,11 @@ fn parse(args: &[String]) -> Result<Options, String> {
         }
         if flag == "--sparkplug" {
             o.sparkplug = true;
+            continue;
+        }
+        if flag == "--cpu" {
+            o.cpu = true;
+            o.baseline = false;
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -141,6 +151,10 @@ struct Figures {
     rss: Option<u64>,
     cpu: Option<Duration>,
     outage: Option<Outage>,
+    /// With `--cpu`: the bridge's instructions during the load, and callgrind's dump.
+    instructions: Option<(u64, std::path::PathBuf)>,
+    /// The bridge's own end-to-end latency histogram, summed up.
+    own_latency: Option<String>,
 }
 
 /// What `--outage` measured.
@@ -406,7 +420,16 @@ async fn run_bridge(o: &Options) -> Figures {
             ("SPOOL_DISK_BYTES", "4GiB"),
         ]),
     );
-    let bridge = BridgeProcess::start(&env);
+    let callgrind = o.cpu.then(|| {
+        cpu::Callgrind::new().unwrap_or_else(|e| {
+            eprintln!("mkb-bench: {e}");
+            std::process::exit(1)
+        })
+    });
+    let bridge = match &callgrind {
+        Some(callgrind) => BridgeProcess::start_under(&env, &callgrind.wrapper()),
+        None => BridgeProcess::start(&env),
+    };
     bridge.wait_subscribed().await;
     if o.sparkplug {
         // Each publisher is an edge node: its NBIRTH names the aliases its NDATA carry.
@@ -488,6 +511,9 @@ async fn run_bridge(o: &Options) -> Figures {
         }
     });
     let _ = ready_rx.await;
+    if let Some(callgrind) = &callgrind {
+        callgrind.zero(bridge.pid());
+    }
     let started = Instant::now();
     if !o.outage {
         publish(mqtt.port(), o, prefix).await;
@@ -495,6 +521,11 @@ async fn run_bridge(o: &Options) -> Figures {
     let latencies = reader.await.expect("reader");
     let seconds = started.elapsed().as_secs_f64();
     reporter.abort();
+    let own_latency = bridge.metrics().await.and_then(|page| own_latency(&page));
+    let instructions = match &callgrind {
+        Some(callgrind) => Some(callgrind.instructions(bridge.pid()).await),
+        None => None,
+    };
     let resources = bridge.resources();
     Figures {
         seconds,
@@ -503,7 +534,44 @@ async fn run_bridge(o: &Options) -> Figures {
         rss: resources.map(|r| r.0),
         cpu: resources.map(|r| r.1),
         outage,
+        instructions,
+        own_latency,
     }
+}
+
+/// The bridge's `bridge_end_to_end_latency_seconds` (receipt to Kafka's acknowledgement, or
+/// the fsync): the buckets that hold the median and the 99th percentile, and the share within
+/// 4 ms. Bucket bounds, so "≤".
+fn own_latency(page: &str) -> Option<String> {
+    let prefix = "bridge_end_to_end_latency_seconds_bucket{le=\"";
+    let buckets: Vec<(f64, f64)> = page
+        .lines()
+        .filter_map(|line| line.strip_prefix(prefix))
+        .filter_map(|rest| {
+            let (bound, count) = rest.split_once("\"} ")?;
+            let bound = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse().ok()?
+            };
+            Some((bound, count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let bound_of = |q: f64| {
+        let (bound, _) = buckets.iter().find(|(_, n)| *n >= q * total)?;
+        Some(format!("≤ {} ms", bound * 1000.0))
+    };
+    let within_4ms = buckets.iter().find(|(b, _)| *b >= 0.004)?.1 / total;
+    Some(format!(
+        "p50 {}, p99 {}, {:.1} % within 4 ms ({total} records)",
+        bound_of(0.5)?,
+        bound_of(0.99)?,
+        within_4ms * 100.0
+    ))
 }
 
 async fn run_baseline(o: &Options) -> Figures {
@@ -563,6 +631,8 @@ async fn run_baseline(o: &Options) -> Figures {
         rss: None,
         cpu: None,
         outage: None,
+        instructions: None,
+        own_latency: None,
     }
 }
 
@@ -649,6 +719,17 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     println!("{}", row("bridge → Kafka", &o, &mut bridge));
+    if let Some(own) = &bridge.own_latency {
+        println!("\nbridge's own histogram (receipt to Kafka's acknowledgement): {own}");
+    }
+    if let Some((instructions, dump)) = &bridge.instructions {
+        println!(
+            "\nbridge instructions (callgrind, first publish to last record read): {instructions}, \
+             {:.0} per message; CPU s above are valgrind's. Dump: {} (callgrind_annotate it)",
+            *instructions as f64 / bridge.received.max(1) as f64,
+            dump.display()
+        );
+    }
     if let Some(outage) = &bridge.outage {
         let Outage {
             spooled,

@@ -1,0 +1,101 @@
+//! `--cpu`: the bridge's instructions per message, counted by callgrind.
+//!
+//! Seconds of CPU move with whatever else the shared machine does; instructions do not. The
+//! bridge runs under `valgrind --tool=callgrind`; its counters are zeroed just before the
+//! first publish and dumped once the last record was read back from Kafka, so the count
+//! covers the load and nothing of start-up or shutdown: every thread of the bridge
+//! (librdkafka's included), the idle moments between messages included. The dump stays on
+//! disk for `callgrind_annotate`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How long callgrind may take to write a dump.
+const DUMP_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A directory for callgrind's output, and the commands that drive it.
+pub struct Callgrind {
+    dir: PathBuf,
+}
+
+impl Callgrind {
+    /// Checks that valgrind is installed and makes a fresh output directory.
+    pub fn new() -> Result<Self, String> {
+        for tool in ["valgrind", "callgrind_control"] {
+            let found = Command::new(tool).arg("--version").output();
+            if found.is_err() {
+                return Err(format!(
+                    "--cpu needs {tool}: install it with `apt-get install valgrind`"
+                ));
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("mkb-bench-callgrind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Self { dir })
+    }
+
+    /// The wrapper that runs the bridge under callgrind.
+    pub fn wrapper(&self) -> Vec<String> {
+        vec![
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            format!("--callgrind-out-file={}", self.out_file().display()),
+        ]
+    }
+
+    fn out_file(&self) -> PathBuf {
+        self.dir.join("callgrind.out")
+    }
+
+    /// Starts counting from zero.
+    pub fn zero(&self, pid: u32) {
+        control(pid, "--zero");
+    }
+
+    /// Dumps the counters and returns the instructions counted since [`Self::zero`], with the
+    /// dump's path.
+    pub async fn instructions(&self, pid: u32) -> (u64, PathBuf) {
+        control(pid, "--dump=load");
+        // The first dump is `callgrind.out.1`; the file is complete once its totals are in.
+        let dump = PathBuf::from(format!("{}.1", self.out_file().display()));
+        let deadline = Instant::now() + DUMP_DEADLINE;
+        loop {
+            if let Some(count) = totals(&dump) {
+                return (count, dump);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "callgrind wrote no dump at {} within {DUMP_DEADLINE:?}",
+                dump.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn control(pid: u32, command: &str) {
+    let output = Command::new("callgrind_control")
+        .args([command, &pid.to_string()])
+        .output()
+        .expect("run callgrind_control");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && said.contains("OK"),
+        "callgrind_control {command} {pid} failed: {said}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The instruction count on a dump's `totals:` line, once the dump is complete.
+fn totals(dump: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dump).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("totals:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
