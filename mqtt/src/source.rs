@@ -164,10 +164,14 @@ impl MqttSource {
         tokio::pin!(shutdown);
 
         loop {
+            // Watched only while a message awaits its acknowledgement (never under QoS 0): a
+            // change in between is seen on the next poll, and waiting costs a registration on
+            // every turn of this loop.
+            let awaiting = acks_open && !self.unacked.is_empty();
             let wake = tokio::select! {
                 biased;
                 () = &mut shutdown => Wake::Shutdown,
-                watermark = done.changed(), if acks_open => Wake::Done(watermark),
+                watermark = done.changed(), if awaiting => Wake::Done(watermark),
                 permit = output.reserve(), if !self.intake.is_empty() => match permit {
                     Ok(permit) => Wake::Room(permit),
                     Err(_closed) => Wake::Shutdown,
