@@ -566,8 +566,11 @@ fn own_latency(page: &str) -> Option<String> {
         Some(format!("≤ {} ms", bound * 1000.0))
     };
     let within_4ms = buckets.iter().find(|(b, _)| *b >= 0.004)?.1 / total;
+    let batches = metric_value(page, "bridge_kafka_batch_records_count");
+    let batch_mean = metric_value(page, "bridge_kafka_batch_records_sum") / batches.max(1.0);
     Some(format!(
-        "p50 {}, p99 {}, {:.1} % within 4 ms ({total} records)",
+        "p50 {}, p99 {}, {:.1} % within 4 ms ({total} records); {batches} batches of \
+         {batch_mean:.1} records on average",
         bound_of(0.5)?,
         bound_of(0.99)?,
         within_4ms * 100.0
