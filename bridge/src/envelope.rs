@@ -24,14 +24,29 @@ const SUFFIX: &[u8] = br#""}"#;
 
 /// The exact length of the envelope for `topic` and a payload of `payload_len` bytes.
 pub fn encoded_len(topic: &str, payload_len: usize) -> usize {
-    PREFIX.len() + escaped_len(topic) + MIDDLE.len() + base64_len(payload_len) + SUFFIX.len()
+    frame_len(escaped_len(topic), payload_len)
+}
+
+fn frame_len(topic_len: usize, payload_len: usize) -> usize {
+    PREFIX.len() + topic_len + MIDDLE.len() + base64_len(payload_len) + SUFFIX.len()
 }
 
 /// Appends the envelope of one message to `out`.
 pub fn encode(topic: &str, payload: &[u8], out: &mut Vec<u8>) {
-    out.reserve(encoded_len(topic, payload.len()));
+    // One scan decides for both the length and the copy: nearly every topic is plain.
+    let plain = plain(topic);
+    let topic_len = if plain {
+        topic.len()
+    } else {
+        escaped_len(topic)
+    };
+    out.reserve(frame_len(topic_len, payload.len()));
     out.extend_from_slice(PREFIX);
-    escape_into(topic, out);
+    if plain {
+        out.extend_from_slice(topic.as_bytes());
+    } else {
+        escape_into(topic, out);
+    }
     out.extend_from_slice(MIDDLE);
     let start = out.len();
     out.resize(start + base64_len(payload.len()), 0);
@@ -181,10 +196,6 @@ fn escaped_len(s: &str) -> usize {
 }
 
 fn escape_into(s: &str, out: &mut Vec<u8>) {
-    if plain(s) {
-        out.extend_from_slice(s.as_bytes());
-        return;
-    }
     // Copy runs of characters that need no escaping in one go.
     let bytes = s.as_bytes();
     let mut run_start = 0;

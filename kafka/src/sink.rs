@@ -336,10 +336,7 @@ impl KafkaSink {
             // written and fsynced before the next is taken.
             let waiting_for_work = accepting
                 && input.is_empty()
-                && match self.state {
-                    State::Direct => self.in_flight.is_empty(),
-                    State::Failing { .. } | State::Draining { .. } => true,
-                };
+                && (self.in_flight.is_empty() || !matches!(self.state, State::Direct));
             idle.set(waiting_for_work);
             let retry_at = match self.state {
                 State::Failing { retry_at, .. } if self.in_flight.is_empty() => Some(retry_at),

@@ -92,48 +92,27 @@ fn parse(args: &[String]) -> Result<Options, String> {
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        if flag == "--no-baseline" {
-            o.baseline = false;
-            continue;
-        }
-        if flag == "--outage" {
-            o.outage = true;
-            continue;
-        }
-        if flag == "--downlink" {
-            o.downlink = true;
-            continue;
-        }
-        if flag == "--sparkplug" {
-            o.sparkplug = true;
-            continue;
-        }
-        if flag == "--cpu" {
-            o.cpu = true;
-            o.baseline = false;
-            continue;
-        }
-        let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        let number = || {
-            value
-                .parse::<u64>()
-                .map_err(|_| format!("{flag}: not a number: {value}"))
-        };
+        let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--messages" => o.messages = number()?,
-            "--size" => o.size = number()? as usize,
-            "--publishers" => o.publishers = number()?.max(1),
-            "--rate" => o.rate = number()?,
-            "--qos" => o.qos = number()? as u8,
-            "--mqtt-version" => o.mqtt_version = value.clone(),
-            "--ack" => o.ack = value.clone(),
-            "--batch-size" => o.batch_size = value.clone(),
-            "--interval" => o.interval = value.clone(),
-            "--inflight" => o.inflight = number()? as u16,
-            "--outage-hold" => o.outage_hold = number()?,
-            "--topics" => o.topics = number()?.max(1),
-            "--headers" => o.headers = value.clone(),
-            "--format" => o.format = value.clone(),
+            "--no-baseline" => o.baseline = false,
+            "--outage" => o.outage = true,
+            "--downlink" => o.downlink = true,
+            "--sparkplug" => o.sparkplug = true,
+            "--cpu" => (o.cpu, o.baseline) = (true, false),
+            "--messages" => o.messages = number(flag, &value()?)?,
+            "--size" => o.size = number(flag, &value()?)? as usize,
+            "--publishers" => o.publishers = number(flag, &value()?)?.max(1),
+            "--rate" => o.rate = number(flag, &value()?)?,
+            "--qos" => o.qos = number(flag, &value()?)? as u8,
+            "--mqtt-version" => o.mqtt_version = value()?,
+            "--ack" => o.ack = value()?,
+            "--batch-size" => o.batch_size = value()?,
+            "--interval" => o.interval = value()?,
+            "--inflight" => o.inflight = number(flag, &value()?)? as u16,
+            "--outage-hold" => o.outage_hold = number(flag, &value()?)?,
+            "--topics" => o.topics = number(flag, &value()?)?.max(1),
+            "--headers" => o.headers = value()?,
+            "--format" => o.format = value()?,
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -141,6 +120,12 @@ fn parse(args: &[String]) -> Result<Options, String> {
         return Err("--size must be at least 16 (the payload carries a timestamp)".to_owned());
     }
     Ok(o)
+}
+
+fn number(flag: &str, value: &str) -> Result<u64, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag}: not a number: {value}"))
 }
 
 /// One run's figures.
@@ -153,8 +138,8 @@ struct Figures {
     outage: Option<Outage>,
     /// With `--cpu`: the bridge's instructions during the load, and callgrind's dump.
     instructions: Option<(u64, std::path::PathBuf)>,
-    /// The bridge's own end-to-end latency histogram, summed up.
-    own_latency: Option<String>,
+    /// The bridge's own figures from `/metrics`: its latency histogram and mean batch.
+    own_figures: Option<String>,
 }
 
 /// What `--outage` measured.
@@ -521,7 +506,7 @@ async fn run_bridge(o: &Options) -> Figures {
     let latencies = reader.await.expect("reader");
     let seconds = started.elapsed().as_secs_f64();
     reporter.abort();
-    let own_latency = bridge.metrics().await.and_then(|page| own_latency(&page));
+    let own_figures = bridge.metrics().await.and_then(|page| own_figures(&page));
     let instructions = match &callgrind {
         Some(callgrind) => Some(callgrind.instructions(bridge.pid()).await),
         None => None,
@@ -535,14 +520,14 @@ async fn run_bridge(o: &Options) -> Figures {
         cpu: resources.map(|r| r.1),
         outage,
         instructions,
-        own_latency,
+        own_figures,
     }
 }
 
 /// The bridge's `bridge_end_to_end_latency_seconds` (receipt to Kafka's acknowledgement, or
 /// the fsync): the buckets that hold the median and the 99th percentile, and the share within
-/// 4 ms. Bucket bounds, so "≤".
-fn own_latency(page: &str) -> Option<String> {
+/// 4 ms (bucket bounds, so "≤"); and its mean batch.
+fn own_figures(page: &str) -> Option<String> {
     let prefix = "bridge_end_to_end_latency_seconds_bucket{le=\"";
     let buckets: Vec<(f64, f64)> = page
         .lines()
@@ -635,7 +620,7 @@ async fn run_baseline(o: &Options) -> Figures {
         cpu: None,
         outage: None,
         instructions: None,
-        own_latency: None,
+        own_figures: None,
     }
 }
 
@@ -722,7 +707,7 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     println!("{}", row("bridge → Kafka", &o, &mut bridge));
-    if let Some(own) = &bridge.own_latency {
+    if let Some(own) = &bridge.own_figures {
         println!("\nbridge's own histogram (receipt to Kafka's acknowledgement): {own}");
     }
     if let Some((instructions, dump)) = &bridge.instructions {
