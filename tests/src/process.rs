@@ -108,13 +108,7 @@ impl BridgeProcess {
             .trim()
             .parse()
             .ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command name (which may hold spaces) start after the last ')'.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        // The kernel reports CPU time in clock ticks of 1/100 s on Linux (USER_HZ).
-        Some((peak_kib * 1024, Duration::from_millis(ticks * 10)))
+        Some((peak_kib * 1024, cpu_time(pid)?))
     }
 
     /// Sends SIGTERM.
@@ -218,3 +212,13 @@ impl Drop for BridgeProcess {
 
 /// How much of a bridge's log a failing test prints.
 const LOG_TAIL_LINES: usize = 60;
+
+/// The CPU time (user and system, every thread) process `pid` has used so far, from /proc.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // The kernel reports CPU time in clock ticks of 1/100 s on Linux (USER_HZ).
+    Some(Duration::from_millis(ticks * 10))
+}

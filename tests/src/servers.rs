@@ -250,6 +250,10 @@ impl Mosquitto {
         self.port
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A plain TCP port for test publishers (the same as [`Mosquitto::port`] without TLS).
     pub fn plain_port(&self) -> u16 {
         self.plain_port
@@ -341,6 +345,10 @@ impl Tansu {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `bootstrap.servers` for this broker.

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use mkb_tests::process::cpu_time;
 use tokio::time::Instant;
 
 /// How long callgrind may take to write a dump.
@@ -98,4 +99,45 @@ fn totals(dump: &Path) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// The CPU time of the programs that share the machine during a run, from /proc: where the
+/// cores went, per message. On a saturated machine the rate is the cores over the sum.
+pub struct Budget {
+    programs: Vec<(&'static str, u32, Duration)>,
+    started: Instant,
+}
+
+impl Budget {
+    /// Takes each program's CPU time so far, at the start of the load.
+    pub fn start(programs: &[(&'static str, u32)]) -> Self {
+        Self {
+            programs: programs
+                .iter()
+                .map(|&(name, pid)| (name, pid, cpu_time(pid).unwrap_or_default()))
+                .collect(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Each program's CPU µs per message since [`Self::start`], the sum, and how many of the
+    /// machine's cores were busy with them on average.
+    pub fn report(&self, messages: u64) -> String {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / messages.max(1) as f64;
+        let mut total = Duration::ZERO;
+        let mut parts = Vec::new();
+        for &(name, pid, before) in &self.programs {
+            let used = cpu_time(pid).unwrap_or_default().saturating_sub(before);
+            total += used;
+            parts.push(format!("{name} {:.2}", per_message(used)));
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        format!(
+            "{}; {:.2} in all, {:.2} of {cores} cores busy over {seconds:.1} s",
+            parts.join(", "),
+            per_message(total),
+            total.as_secs_f64() / seconds
+        )
+    }
 }

@@ -140,6 +140,8 @@ struct Figures {
     instructions: Option<(u64, std::path::PathBuf)>,
     /// The bridge's own figures from `/metrics`: its latency histogram and mean batch.
     own_figures: Option<String>,
+    /// CPU µs per message of each program on the machine during the load.
+    budget: String,
 }
 
 /// What `--outage` measured.
@@ -499,12 +501,19 @@ async fn run_bridge(o: &Options) -> Figures {
     if let Some(callgrind) = &callgrind {
         callgrind.zero(bridge.pid());
     }
+    let budget = cpu::Budget::start(&[
+        ("Mosquitto", mqtt.pid()),
+        ("bridge", bridge.pid()),
+        ("tansu", kafka.pid()),
+        ("mkb-bench (publisher, Kafka reader)", std::process::id()),
+    ]);
     let started = Instant::now();
     if !o.outage {
         publish(mqtt.port(), o, prefix).await;
     }
     let latencies = reader.await.expect("reader");
     let seconds = started.elapsed().as_secs_f64();
+    let budget = budget.report(latencies.len() as u64);
     reporter.abort();
     let own_figures = bridge.metrics().await.and_then(|page| own_figures(&page));
     let instructions = match &callgrind {
@@ -521,6 +530,7 @@ async fn run_bridge(o: &Options) -> Figures {
         outage,
         instructions,
         own_figures,
+        budget,
     }
 }
 
@@ -607,10 +617,18 @@ async fn run_baseline(o: &Options) -> Figures {
     });
     let _ = ready_rx.await;
     let reporter = spawn_progress("baseline", o.messages, progress);
+    let budget = cpu::Budget::start(&[
+        ("Mosquitto", mqtt.pid()),
+        (
+            "mkb-bench (publisher, no-op subscriber)",
+            std::process::id(),
+        ),
+    ]);
     let started = Instant::now();
     publish(mqtt.port(), o, "bench").await;
     let latencies = subscriber.await.expect("subscriber");
     let seconds = started.elapsed().as_secs_f64();
+    let budget = budget.report(latencies.len() as u64);
     reporter.abort();
     Figures {
         seconds,
@@ -621,6 +639,7 @@ async fn run_baseline(o: &Options) -> Figures {
         outage: None,
         instructions: None,
         own_figures: None,
+        budget,
     }
 }
 
@@ -707,6 +726,7 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     println!("{}", row("bridge → Kafka", &o, &mut bridge));
+    println!("\nCPU µs a message, bridge run: {}", bridge.budget);
     if let Some(own) = &bridge.own_figures {
         println!("\nbridge's own histogram (receipt to Kafka's acknowledgement): {own}");
     }
@@ -752,6 +772,7 @@ async fn main() {
     }
     if let Some(baseline) = &mut baseline {
         println!("{}", row("baseline (no-op subscriber)", &o, baseline));
+        println!("\nCPU µs a message, baseline run: {}", baseline.budget);
         let ratio = (bridge.received as f64 / bridge.seconds)
             / (baseline.received as f64 / baseline.seconds);
         println!("\nbridge / baseline throughput: {ratio:.2}");
