@@ -9,6 +9,7 @@
 
 mod cpu;
 mod downlink;
+mod kafka_alone;
 mod publisher;
 mod sparkplug;
 
@@ -37,7 +38,8 @@ const USAGE: &str =
                  [--downlink]   (Kafka → MQTT: the downlink against a plain consumer and client)
                  [--sparkplug]   (Sparkplug B NDATA payloads of 20 alias-only metrics on spBv1.0/bench/NDATA/<p>)
                  [--format envelope|raw|json|sparkplug-json]   (the bridge's KAFKA_VALUE_FORMAT)
-                 [--cpu]   (count the bridge's instructions per message under callgrind; no baseline)";
+                 [--cpu]   (count the bridge's instructions per message under callgrind; no baseline)
+                 [--kafka-alone]   (also time the same records written straight into tansu, no bridge)";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -66,6 +68,8 @@ struct Options {
     format: String,
     /// Count the bridge's instructions under callgrind.
     cpu: bool,
+    /// Also run the Kafka half alone: a producer straight into tansu, the same reader.
+    kafka_alone: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -89,6 +93,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         sparkplug: false,
         format: "envelope".to_owned(),
         cpu: false,
+        kafka_alone: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -99,6 +104,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--downlink" => o.downlink = true,
             "--sparkplug" => o.sparkplug = true,
             "--cpu" => (o.cpu, o.baseline) = (true, false),
+            "--kafka-alone" => o.kafka_alone = true,
             "--messages" => o.messages = number(flag, &value()?)?,
             "--size" => o.size = number(flag, &value()?)? as usize,
             "--publishers" => o.publishers = number(flag, &value()?)?.max(1),
@@ -776,6 +782,12 @@ async fn main() {
         let ratio = (bridge.received as f64 / bridge.seconds)
             / (baseline.received as f64 / baseline.seconds);
         println!("\nbridge / baseline throughput: {ratio:.2}");
+    }
+    if o.kafka_alone {
+        eprintln!("Kafka alone (producer → tansu → consumer, no bridge)");
+        let mut alone = kafka_alone::run(&o).await;
+        println!("{}", row("Kafka alone (no MQTT, no bridge)", &o, &mut alone));
+        println!("\nCPU µs a message, Kafka-alone run: {}", alone.budget);
     }
     let dropped = bridge.outage.as_ref().map_or(0, |outage| outage.dropped);
     if bridge.received < o.messages - dropped {

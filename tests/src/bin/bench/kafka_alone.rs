@@ -1,0 +1,85 @@
+//! `--kafka-alone`: the Kafka half of the path without the bridge, for the latency runs.
+//!
+//! A producer with the bridge's delivery settings writes the same records (the envelope of the
+//! same payloads, keyed by the MQTT topic) at the same pace as the MQTT publisher, and the same
+//! consumer reads them back. What this run measures is what the bridge cannot take away from
+//! `mkb-bench`'s latency: tansu writing and serving a record, and the consumer's fetch.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use mkb_tests::Tansu;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use tokio::time::Instant;
+
+use crate::{Figures, Options, cpu, payload, read_kafka, spawn_progress};
+
+/// Writes `o.messages` records at `o.rate` straight into tansu and reads them back.
+pub async fn run(o: &Options) -> Figures {
+    let kafka = Tansu::start();
+    let topic = format!("bench-{}", mkb_tests::unique());
+    mkb_tests::kafka::create_topic(&kafka.brokers(), &topic, 1).await;
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        // The bridge's own settings (`kafka/src/config.rs`).
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .set("compression.type", "none")
+        .create()
+        .expect("create the Kafka-alone producer");
+    let progress = Arc::new(AtomicU64::new(0));
+    let reporter = spawn_progress("Kafka alone", o.messages, progress.clone());
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let reader = tokio::task::spawn_blocking({
+        let brokers = kafka.brokers();
+        let topics = vec![topic.clone()];
+        let expected = o.messages;
+        move || read_kafka(&brokers, &topics, expected, &progress, ready_tx, false)
+    });
+    let _ = ready_rx.await;
+    let budget = cpu::Budget::start(&[
+        ("tansu", kafka.pid()),
+        ("mkb-bench (producer, Kafka reader)", std::process::id()),
+    ]);
+    let started = Instant::now();
+    let mqtt_topic = "bench/0";
+    let (mut body, mut value) = (Vec::new(), Vec::new());
+    for n in 0..o.messages {
+        body.clear();
+        payload(n, o.size, &mut body);
+        value.clear();
+        mkb_bridge::envelope::encode(mqtt_topic, &body, &mut value);
+        let mut record = BaseRecord::<str, [u8]>::to(&topic)
+            .key(mqtt_topic)
+            .payload(&value);
+        while let Err((error, returned)) = producer.send(record) {
+            eprintln!("Kafka alone: {error}; trying again");
+            record = returned;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The MQTT publisher's pace: ten at a time, then wait for the next ten's turn.
+        if o.rate > 0 && n % 10 == 9 {
+            let due = started + Duration::from_secs_f64((n + 1) as f64 / o.rate as f64);
+            tokio::time::sleep_until(due).await;
+        }
+    }
+    let latencies = reader.await.expect("reader");
+    let seconds = started.elapsed().as_secs_f64();
+    let budget = budget.report(latencies.len() as u64);
+    reporter.abort();
+    let _ = producer.flush(Duration::from_secs(10));
+    Figures {
+        seconds,
+        received: latencies.len() as u64,
+        latencies,
+        rss: None,
+        cpu: None,
+        outage: None,
+        instructions: None,
+        own_figures: None,
+        budget,
+    }
+}
