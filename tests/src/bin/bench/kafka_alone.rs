@@ -3,32 +3,55 @@
 //! A producer with the bridge's delivery settings writes the same records (the envelope of the
 //! same payloads, keyed by the MQTT topic) at the same pace as the MQTT publisher, and the same
 //! consumer reads them back. What this run measures is what the bridge cannot take away from
-//! `mkb-bench`'s latency: tansu writing and serving a record, and the consumer's fetch.
+//! `mkb-bench`'s latency: tansu writing and serving a record, and the consumer's fetch. The
+//! producer's own figure, from the hand-over to Kafka's acknowledgement, is the counterpart of
+//! the bridge's histogram (receipt to Kafka's acknowledgement) without the bridge.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mkb_tests::Tansu;
-use rdkafka::ClientConfig;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext};
 use tokio::time::Instant;
 
-use crate::{Figures, Options, cpu, payload, read_kafka, spawn_progress};
+use crate::{Figures, Options, cpu, now_micros, payload, percentile, read_kafka, spawn_progress};
+
+/// Keeps, for each record Kafka acknowledged, the time since it was handed to the producer.
+#[derive(Default)]
+struct Acks(Mutex<Vec<Duration>>);
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    /// The time the record was handed over, in microseconds since the epoch.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: usize) {
+        if result.is_ok() {
+            let waited = Duration::from_micros(now_micros().saturating_sub(sent as u64));
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(waited);
+        }
+    }
+}
 
 /// Writes `o.messages` records at `o.rate` straight into tansu and reads them back.
 pub async fn run(o: &Options) -> Figures {
     let kafka = Tansu::start();
     let topic = format!("bench-{}", mkb_tests::unique());
     mkb_tests::kafka::create_topic(&kafka.brokers(), &topic, 1).await;
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    let producer: ThreadedProducer<Acks> = ClientConfig::new()
         .set("bootstrap.servers", kafka.brokers())
         // The bridge's own settings (`kafka/src/config.rs`).
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "1")
         .set("compression.type", "none")
-        .create()
+        .create_with_context(Acks::default())
         .expect("create the Kafka-alone producer");
     let progress = Arc::new(AtomicU64::new(0));
     let reporter = spawn_progress("Kafka alone", o.messages, progress.clone());
@@ -52,9 +75,10 @@ pub async fn run(o: &Options) -> Figures {
         payload(n, o.size, &mut body);
         value.clear();
         mkb_bridge::envelope::encode(mqtt_topic, &body, &mut value);
-        let mut record = BaseRecord::<str, [u8]>::to(&topic)
-            .key(mqtt_topic)
-            .payload(&value);
+        let mut record =
+            BaseRecord::<str, [u8], usize>::with_opaque_to(&topic, now_micros() as usize)
+                .key(mqtt_topic)
+                .payload(&value);
         while let Err((error, returned)) = producer.send(record) {
             eprintln!("Kafka alone: {error}; trying again");
             record = returned;
@@ -71,6 +95,23 @@ pub async fn run(o: &Options) -> Figures {
     let budget = budget.report(latencies.len() as u64);
     reporter.abort();
     let _ = producer.flush(Duration::from_secs(10));
+    let mut acks = std::mem::take(
+        &mut *producer
+            .context()
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    acks.sort_unstable();
+    let ms = |p: f64| percentile(&acks, p).as_secs_f64() * 1000.0;
+    let within = acks.partition_point(|d| *d <= Duration::from_millis(4));
+    let own_figures = Some(format!(
+        "p50 {:.1} ms, p99 {:.1} ms, {:.1} % within 4 ms ({} records)",
+        ms(0.5),
+        ms(0.99),
+        100.0 * within as f64 / acks.len().max(1) as f64,
+        acks.len()
+    ));
     Figures {
         seconds,
         received: latencies.len() as u64,
@@ -79,7 +120,7 @@ pub async fn run(o: &Options) -> Figures {
         cpu: None,
         outage: None,
         instructions: None,
-        own_figures: None,
+        own_figures,
         budget,
     }
 }

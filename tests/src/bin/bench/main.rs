@@ -786,8 +786,14 @@ async fn main() {
     if o.kafka_alone {
         eprintln!("Kafka alone (producer → tansu → consumer, no bridge)");
         let mut alone = kafka_alone::run(&o).await;
-        println!("{}", row("Kafka alone (no MQTT, no bridge)", &o, &mut alone));
-        println!("\nCPU µs a message, Kafka-alone run: {}", alone.budget);
+        println!(
+            "{}",
+            row("Kafka alone (no MQTT, no bridge)", &o, &mut alone)
+        );
+        if let Some(acks) = &alone.own_figures {
+            println!("\nKafka alone, hand-over to Kafka's acknowledgement: {acks}");
+        }
+        println!("CPU µs a message, Kafka-alone run: {}", alone.budget);
     }
     let dropped = bridge.outage.as_ref().map_or(0, |outage| outage.dropped);
     if bridge.received < o.messages - dropped {
