@@ -101,6 +101,62 @@ fn totals(dump: &Path) -> Option<u64> {
         .ok()
 }
 
+/// The parts of the bridge the split reports: a label, and the function whose inclusive count
+/// (everything it and its callees ran) measures it. Nested parts are indented.
+const PARTS: [(&str, &str); 8] = [
+    (
+        "MQTT task",
+        "mkb_mqtt::source::MqttSource::run::{{closure}}",
+    ),
+    (
+        "  of which rumqttc's event loop",
+        "rumqttc::eventloop::EventLoop::poll::{{closure}}",
+    ),
+    ("batcher", "mkb_bridge::batcher::Batcher::run::{{closure}}"),
+    ("  of which the envelope", "mkb_bridge::envelope::encode"),
+    ("Kafka task", "mkb_kafka::sink::KafkaSink::run::{{closure}}"),
+    (
+        "  of which handing records to librdkafka",
+        "BaseProducer<C,Part>::send",
+    ),
+    ("librdkafka's broker threads", "rd_kafka_broker_thread_main"),
+    (
+        "delivery reports (rdkafka's polling thread)",
+        "BaseProducer<C,Part>::poll",
+    ),
+];
+
+/// Instructions per message of each of [`PARTS`], from `callgrind_annotate --inclusive=yes`;
+/// `None` when callgrind_annotate cannot read the dump.
+pub fn split(dump: &Path, messages: u64) -> Option<String> {
+    let output = Command::new("callgrind_annotate")
+        .args(["--auto=no", "--threshold=100", "--inclusive=yes"])
+        .arg(dump)
+        .output()
+        .ok()?;
+    let listing = String::from_utf8_lossy(&output.stdout);
+    // Lines are "  1,234 (12.34%)  file:function [object]", largest first: a function's first
+    // line is its total.
+    let count_of = |function: &str| {
+        listing.lines().find_map(|line| {
+            let (count, rest) = line.trim_start().split_once(' ')?;
+            let name = rest.split_once(':')?.1;
+            let name = name.split_once(" [").map_or(name, |(name, _)| name);
+            (name == function || name.ends_with(&format!("::{function}")))
+                .then(|| count.replace(',', "").parse::<u64>().ok())?
+        })
+    };
+    let lines: Vec<String> = PARTS
+        .iter()
+        .map(|(label, function)| {
+            count_of(function).map_or(format!("{label}: not found"), |count| {
+                format!("{label}: {:.0}", count as f64 / messages.max(1) as f64)
+            })
+        })
+        .collect();
+    output.status.success().then(|| lines.join("\n  "))
+}
+
 /// The CPU time of the programs that share the machine during a run, from /proc: where the
 /// cores went, per message. On a saturated machine the rate is the cores over the sum.
 pub struct Budget {

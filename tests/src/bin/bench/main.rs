@@ -743,6 +743,9 @@ async fn main() {
             *instructions as f64 / bridge.received.max(1) as f64,
             dump.display()
         );
+        if let Some(split) = cpu::split(dump, bridge.received) {
+            println!("instructions a message, by part (inclusive):\n  {split}");
+        }
     }
     if let Some(outage) = &bridge.outage {
         let Outage {
