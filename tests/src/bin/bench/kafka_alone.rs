@@ -113,14 +113,7 @@ pub async fn run(o: &Options) -> Figures {
         acks.len()
     ));
     Figures {
-        seconds,
-        received: latencies.len() as u64,
-        latencies,
-        rss: None,
-        cpu: None,
-        outage: None,
-        instructions: None,
         own_figures,
-        budget,
+        ..Figures::without_bridge(seconds, latencies, budget)
     }
 }

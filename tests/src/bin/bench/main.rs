@@ -150,6 +150,23 @@ struct Figures {
     budget: String,
 }
 
+impl Figures {
+    /// A run without the bridge: the load's figures and the CPU budget alone.
+    fn without_bridge(seconds: f64, latencies: Vec<Duration>, budget: String) -> Self {
+        Self {
+            seconds,
+            received: latencies.len() as u64,
+            latencies,
+            rss: None,
+            cpu: None,
+            outage: None,
+            instructions: None,
+            own_figures: None,
+            budget,
+        }
+    }
+}
+
 /// What `--outage` measured.
 struct Outage {
     /// Seconds from the first publish until every message was spooled or counted as dropped.
@@ -636,17 +653,7 @@ async fn run_baseline(o: &Options) -> Figures {
     let seconds = started.elapsed().as_secs_f64();
     let budget = budget.report(latencies.len() as u64);
     reporter.abort();
-    Figures {
-        seconds,
-        received: latencies.len() as u64,
-        latencies,
-        rss: None,
-        cpu: None,
-        outage: None,
-        instructions: None,
-        own_figures: None,
-        budget,
-    }
+    Figures::without_bridge(seconds, latencies, budget)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
