@@ -110,7 +110,8 @@ const PARTS: [(&str, &str); 8] = [
     ),
     (
         "  of which rumqttc's event loop",
-        "rumqttc::eventloop::EventLoop::poll::{{closure}}",
+        // rumqttc::eventloop (MQTT 3.1.1) or rumqttc::v5::eventloop.
+        "eventloop::EventLoop::poll::{{closure}}",
     ),
     ("batcher", "mkb_bridge::batcher::Batcher::run::{{closure}}"),
     ("  of which the envelope", "mkb_bridge::envelope::encode"),
@@ -135,26 +136,33 @@ pub fn split(dump: &Path, messages: u64) -> Option<String> {
         .output()
         .ok()?;
     let listing = String::from_utf8_lossy(&output.stdout);
-    // Lines are "  1,234 (12.34%)  file:function [object]", largest first: a function's first
-    // line is its total.
-    let count_of = |function: &str| {
-        listing.lines().find_map(|line| {
-            let (count, rest) = line.trim_start().split_once(' ')?;
-            let name = rest.split_once(':')?.1;
-            let name = name.split_once(" [").map_or(name, |(name, _)| name);
-            (name == function || name.ends_with(&format!("::{function}")))
-                .then(|| count.replace(',', "").parse::<u64>().ok())?
-        })
-    };
     let lines: Vec<String> = PARTS
         .iter()
         .map(|(label, function)| {
-            count_of(function).map_or(format!("{label}: not found"), |count| {
+            count_in(&listing, function).map_or(format!("{label}: not found"), |count| {
                 format!("{label}: {:.0}", count as f64 / messages.max(1) as f64)
             })
         })
         .collect();
     output.status.success().then(|| lines.join("\n  "))
+}
+
+/// The inclusive count of `function` (its full path, or its path's tail after a `::`) in a
+/// `callgrind_annotate` listing. Lines are "  1,234 (12.34%)  file:function [object]", largest
+/// first, so a function's first line is its total (later ones are parts inlined from other
+/// files).
+fn count_in(listing: &str, function: &str) -> Option<u64> {
+    let tail = format!("::{function}");
+    listing.lines().find_map(|line| {
+        let (count, rest) = line.trim_start().split_once(' ')?;
+        let name = rest.split_once(':')?.1;
+        let name = name.split_once(" [").map_or(name, |(name, _)| name);
+        if name == function || name.ends_with(&tail) {
+            count.replace(',', "").parse().ok()
+        } else {
+            None
+        }
+    })
 }
 
 /// The CPU time of the programs that share the machine during a run, from /proc: where the
@@ -195,5 +203,38 @@ impl Budget {
             per_message(total),
             total.as_secs_f64() / seconds
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LISTING: &str = "\
+--------------------------------------------------------------------------------
+Ir                    file:function
+--------------------------------------------------------------------------------
+886,363,594 (100.0%)  PROGRAM TOTALS
+272,939,170 (30.79%)  /work/main/mqtt/src/source.rs:mkb_mqtt::source::MqttSource::run::{{closure}} [/x/bridge]
+188,001,280 (21.21%)  /r/base_producer.rs:rdkafka::producer::base_producer::BaseProducer<C,Part>::send [/x/bridge]
+164,893,604 (18.60%)  /r/rumqttc-0.25.1/src/v5/eventloop.rs:rumqttc::v5::eventloop::EventLoop::poll::{{closure}} [/x/bridge]
+139,817,852 (15.77%)  /b/rdkafka_broker.c:rd_kafka_broker_thread_main [/x/bridge]
+  6,600,000 ( 0.74%)  /rustc/alloc/src/ffi/c_str.rs:rdkafka::producer::base_producer::BaseProducer<C,Part>::send
+  5,232,204 ( 0.58%)  /r/select.rs:<mkb_mqtt::source::MqttSource as Foo>::run::{{closure}}
+";
+
+    #[test]
+    fn a_parts_count_is_its_first_and_largest_line() {
+        let count = |function| count_in(LISTING, function);
+        assert_eq!(count(PARTS[0].1), Some(272_939_170));
+        assert_eq!(count("BaseProducer<C,Part>::send"), Some(188_001_280));
+        assert_eq!(
+            count(PARTS[1].1),
+            Some(164_893_604),
+            "rumqttc's v5 event loop"
+        );
+        assert_eq!(count("rd_kafka_broker_thread_main"), Some(139_817_852));
+        assert_eq!(count("mkb_bridge::envelope::encode"), None);
+        assert_eq!(count("thread_main"), None, "a name's tail only after ::");
     }
 }
