@@ -46,6 +46,16 @@ impl AckWatermark {
         self.0.changed().await.ok()?;
         Some(*self.0.borrow_and_update())
     }
+
+    /// The watermark, if it rose since it was last seen, without waiting: a version check
+    /// where [`Self::changed`] registers a waiter with the channel. `None` when it did not
+    /// rise, and once the Kafka side is gone ([`Self::changed`] reports that).
+    pub fn rose(&mut self) -> Option<u64> {
+        match self.0.has_changed() {
+            Ok(true) => Some(*self.0.borrow_and_update()),
+            Ok(false) | Err(_) => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -62,5 +72,18 @@ mod tests {
         assert_eq!(watermark.changed().await, Some(9));
         drop(handle);
         assert_eq!(watermark.changed().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_rise_is_seen_once_without_waiting() {
+        let (handle, mut watermark) = ack_channel();
+        assert_eq!(watermark.rose(), None);
+        handle.done_through(4);
+        handle.done_through(6);
+        assert_eq!(watermark.rose(), Some(6));
+        assert_eq!(watermark.rose(), None, "already seen");
+        handle.done_through(7);
+        assert_eq!(watermark.changed().await, Some(7));
+        assert_eq!(watermark.rose(), None, "seen by changed");
     }
 }

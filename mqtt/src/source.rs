@@ -164,19 +164,29 @@ impl MqttSource {
         tokio::pin!(shutdown);
 
         loop {
-            // Watched only while a message awaits its acknowledgement (never under QoS 0): a
-            // change in between is seen on the next poll, and waiting costs a registration on
-            // every turn of this loop.
+            // The watermark matters only while a message awaits its acknowledgement (never
+            // under QoS 0). A rise is looked for on every turn, without waiting (a version
+            // check); waiting for one registers a waiter with the channel, and removes it again
+            // when another branch wins, so it comes last, once nothing else is ready. A busy
+            // connection thus does not pay for it per message, and acknowledgements still go
+            // out on the next turn after the Kafka side reports.
+            if acks_open
+                && !self.unacked.is_empty()
+                && let Some(watermark) = done.rose()
+            {
+                self.done_through = watermark;
+                self.acknowledge(&connection);
+            }
             let awaiting = acks_open && !self.unacked.is_empty();
             let wake = tokio::select! {
                 biased;
                 () = &mut shutdown => Wake::Shutdown,
-                watermark = done.changed(), if awaiting => Wake::Done(watermark),
                 permit = output.reserve(), if !self.intake.is_empty() => match permit {
                     Ok(permit) => Wake::Room(permit),
                     Err(_closed) => Wake::Shutdown,
                 },
                 event = connection.poll() => Wake::Connection(event),
+                watermark = done.changed(), if awaiting => Wake::Done(watermark),
             };
             match wake {
                 Wake::Shutdown => break,
@@ -639,6 +649,9 @@ pub(crate) mod tests {
     #[derive(Default)]
     struct Seen {
         acks: Mutex<Vec<u16>>,
+        /// Polls of the connection so far, and how many there had been at each ack.
+        polls: AtomicUsize,
+        polls_at_ack: Mutex<Vec<usize>>,
         subscribes: AtomicUsize,
         disconnects: AtomicUsize,
         /// Acknowledgements the request channel still takes before it is full.
@@ -656,6 +669,7 @@ pub(crate) mod tests {
 
     impl Link for ScriptedLink {
         async fn poll(&mut self) -> Result<Incoming, PollError> {
+            self.seen.polls.fetch_add(1, Ordering::Relaxed);
             match self.events.recv().await {
                 Some(event) => event,
                 None => std::future::pending().await,
@@ -675,6 +689,8 @@ pub(crate) mod tests {
                 .is_ok();
             if took {
                 self.seen.acks.lock().expect("lock").push(pkid);
+                let polls = self.seen.polls.load(Ordering::Relaxed);
+                self.seen.polls_at_ack.lock().expect("lock").push(polls);
             }
             took
         }
@@ -860,6 +876,30 @@ pub(crate) mod tests {
         task.settle().await;
         assert_eq!(task.acks(), [1, 2, 3, 4, 5]);
         assert_eq!(task.metrics.awaiting_ack.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acknowledgements_go_out_while_the_connection_stays_busy() {
+        let task = start(AckMode::AfterWrite, 1000).await;
+        for pkid in 1..=3 {
+            task.event(publish(pkid, QoS::AtLeastOnce, 10));
+        }
+        task.settle().await;
+        let polls_before = task.seen.polls.load(Ordering::Relaxed);
+        // The Kafka side reports while a long run of messages is already waiting: the
+        // connection is ready on every turn until they are all read.
+        task.done.done_through(1);
+        for pkid in 4..=300 {
+            task.event(publish(pkid, QoS::AtLeastOnce, 10));
+        }
+        task.settle().await;
+        assert_eq!(task.acks(), [1]);
+        let at = task.seen.polls_at_ack.lock().expect("lock")[0];
+        assert!(
+            at <= polls_before + 2,
+            "acknowledged only after {} more messages were read",
+            at - polls_before
+        );
     }
 
     #[tokio::test(start_paused = true)]
