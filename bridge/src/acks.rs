@@ -49,11 +49,15 @@ impl AckWatermark {
 
     /// The watermark, if it rose since it was last seen, without waiting: a version check
     /// where [`Self::changed`] registers a waiter with the channel. `None` when it did not
-    /// rise, and once the Kafka side is gone ([`Self::changed`] reports that).
+    /// rise; a last rise is still seen once the Kafka side is gone (which [`Self::changed`]
+    /// then reports).
     pub fn rose(&mut self) -> Option<u64> {
         match self.0.has_changed() {
-            Ok(true) => Some(*self.0.borrow_and_update()),
-            Ok(false) | Err(_) => None,
+            Ok(false) => None,
+            Ok(true) | Err(_) => {
+                let latest = self.0.borrow_and_update();
+                latest.has_changed().then(|| *latest)
+            }
         }
     }
 }
@@ -85,5 +89,14 @@ mod tests {
         handle.done_through(7);
         assert_eq!(watermark.changed().await, Some(7));
         assert_eq!(watermark.rose(), None, "seen by changed");
+        handle.done_through(9);
+        drop(handle);
+        assert_eq!(
+            watermark.rose(),
+            Some(9),
+            "the last rise, after the Kafka side is gone"
+        );
+        assert_eq!(watermark.rose(), None);
+        assert_eq!(watermark.changed().await, None);
     }
 }
