@@ -65,7 +65,8 @@ async fn three_replicas_share_a_subscription_and_a_killed_one_loses_nothing() {
     .await;
     replicas[1].kill();
     tokio::time::sleep(Duration::from_millis(fastrand::u64(200..1500))).await;
-    replicas[1] = BridgeProcess::start(&env(1));
+    // The killed replica is kept to the end, so that a failure prints its log too.
+    let _killed = std::mem::replace(&mut replicas[1], BridgeProcess::start(&env(1)));
     publishing.await.expect("publisher");
     publisher.wait_acked(COUNT).await;
 
@@ -76,9 +77,21 @@ async fn three_replicas_share_a_subscription_and_a_killed_one_loses_nothing() {
         })
         .await;
     let seen = distinct_numbers(&reader.received);
+    let mut drops = Vec::new();
+    if !complete {
+        for replica in &replicas {
+            let page = replica.metrics().await.unwrap_or_default();
+            drops.extend(
+                page.lines()
+                    .filter(|line| line.contains("dropped_total{"))
+                    .map(|line| format!("pid {}: {line}", replica.pid())),
+            );
+        }
+    }
     assert!(
         complete,
-        "{} of {COUNT} messages reached Kafka; first missing: {:?}",
+        "{} of {COUNT} messages reached Kafka; first missing: {:?}; the running replicas' \
+         drop counters: {drops:?}",
         seen.len(),
         (0..COUNT)
             .filter(|n| !seen.contains(n))
