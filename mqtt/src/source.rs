@@ -174,8 +174,7 @@ impl MqttSource {
                 && !self.unacked.is_empty()
                 && let Some(watermark) = done.rose()
             {
-                self.done_through = watermark;
-                self.acknowledge(&connection);
+                self.on_watermark(watermark, &connection);
             }
             let awaiting = acks_open && !self.unacked.is_empty();
             let wake = tokio::select! {
@@ -190,10 +189,7 @@ impl MqttSource {
             };
             match wake {
                 Wake::Shutdown => break,
-                Wake::Done(Some(watermark)) => {
-                    self.done_through = watermark;
-                    self.acknowledge(&connection);
-                }
+                Wake::Done(Some(watermark)) => self.on_watermark(watermark, &connection),
                 Wake::Done(None) => acks_open = false,
                 Wake::Room(permit) => {
                     let message = self.intake.pop_front().expect("intake was not empty");
@@ -414,6 +410,12 @@ impl MqttSource {
             }
         }
         self.metrics.intake.set(self.intake.len() as i64);
+    }
+
+    /// The Kafka side reported everything through `watermark` done.
+    fn on_watermark(&mut self, watermark: u64, connection: &impl Link) {
+        self.done_through = watermark;
+        self.acknowledge(connection);
     }
 
     /// Queues, in receipt order, the acknowledgement of every remembered message the Kafka side
