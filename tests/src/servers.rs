@@ -282,6 +282,8 @@ pub struct Tansu {
     port: u16,
     /// The port clients are told to use, when it is not `port` (a proxy's).
     advertised_port: Option<u16>,
+    /// Its output; a failing test prints the warnings and errors in it.
+    log: tempfile::NamedTempFile,
 }
 
 impl Tansu {
@@ -303,19 +305,21 @@ impl Tansu {
     /// one without the old one's topics.
     pub fn replace_with_empty(&mut self) {
         kill(&mut self.child);
-        self.child = Self::spawn(self.port, self.advertised_port);
+        self.child = Self::spawn(self.port, self.advertised_port, &self.log);
     }
 
     fn start_advertising(advertised_port: Option<u16>) -> Self {
         let port = free_port();
+        let log = tempfile::NamedTempFile::new().expect("tansu log file");
         Self {
-            child: Self::spawn(port, advertised_port),
+            child: Self::spawn(port, advertised_port, &log),
             port,
             advertised_port,
+            log,
         }
     }
 
-    fn spawn(port: u16, advertised_port: Option<u16>) -> Child {
+    fn spawn(port: u16, advertised_port: Option<u16>, log: &tempfile::NamedTempFile) -> Child {
         let cargo_bin = std::env::var_os("CARGO_HOME")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -334,9 +338,11 @@ impl Tansu {
                 &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
+            // Its default is errors only; a refused produce request is a warning.
+            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(append(log))
+            .stderr(append(log))
             .spawn()
             .expect("spawn tansu");
         wait_for_port(port, "tansu", &mut child);
@@ -360,5 +366,31 @@ impl Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         kill(&mut self.child);
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+            let notable: Vec<&str> = text
+                .lines()
+                .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+                .collect();
+            let tail = &notable[notable.len().saturating_sub(TANSU_LOG_LINES)..];
+            eprintln!(
+                "tansu (pid {}) warnings and errors, last {} of {}:\n{}",
+                self.child.id(),
+                tail.len(),
+                notable.len(),
+                tail.join("\n")
+            );
+        }
     }
 }
+
+/// `log` opened for appending: output of both streams and of a restarted broker is kept.
+fn append(log: &tempfile::NamedTempFile) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(log.path())
+        .expect("tansu log file")
+}
+
+/// How many of tansu's warning and error lines a failing test prints.
+const TANSU_LOG_LINES: usize = 40;

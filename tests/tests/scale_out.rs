@@ -66,7 +66,7 @@ async fn three_replicas_share_a_subscription_and_a_killed_one_loses_nothing() {
     replicas[1].kill();
     tokio::time::sleep(Duration::from_millis(fastrand::u64(200..1500))).await;
     // The killed replica is kept to the end, so that a failure prints its log too.
-    let _killed = std::mem::replace(&mut replicas[1], BridgeProcess::start(&env(1)));
+    let killed = std::mem::replace(&mut replicas[1], BridgeProcess::start(&env(1)));
     publishing.await.expect("publisher");
     publisher.wait_acked(COUNT).await;
 
@@ -99,6 +99,19 @@ async fn three_replicas_share_a_subscription_and_a_killed_one_loses_nothing() {
                 offsets.len()
             ));
         }
+        // What the killed replica's disk spool still held: a restart in a fresh directory
+        // does not see it.
+        let spool = killed.dir().join("spool");
+        let files: Vec<String> = std::fs::read_dir(&spool)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| {
+                let size = entry.metadata().map_or(0, |m| m.len());
+                format!("{} {size} B", entry.file_name().to_string_lossy())
+            })
+            .collect();
+        partitions.push(format!("killed replica's spool: {files:?}"));
         for replica in &replicas {
             let page = replica.metrics().await.unwrap_or_default();
             drops.extend(
