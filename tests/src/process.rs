@@ -142,12 +142,6 @@ impl BridgeProcess {
         }
     }
 
-    /// Its working directory (the disk spool is `spool/` there unless `SPOOL_DIR` says
-    /// otherwise).
-    pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
-    }
-
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
     }
