@@ -101,6 +101,10 @@ enum Wake<'a> {
     Connection(Result<Incoming, PollError>),
 }
 
+/// The batcher no longer takes messages.
+#[derive(Debug)]
+struct PipelineClosed;
+
 impl MqttSource {
     pub fn new(config: MqttConfig, metrics: MqttMetrics) -> Self {
         let (status, _) = watch::channel(MqttStatus::default());
@@ -176,15 +180,22 @@ impl MqttSource {
             {
                 self.on_watermark(watermark, &connection);
             }
+            // Messages queued while the pipeline was full go on as it gains room, the same way:
+            // tried on every turn with a permit check, waited for (which registers a waiter with
+            // the channel's semaphore, and removes it when another branch wins) only once the
+            // connection has nothing ready.
+            if !self.intake.is_empty() && self.forward_intake(&output).is_err() {
+                break;
+            }
             let awaiting = acks_open && !self.unacked.is_empty();
             let wake = tokio::select! {
                 biased;
                 () = &mut shutdown => Wake::Shutdown,
+                event = connection.poll() => Wake::Connection(event),
                 permit = output.reserve(), if !self.intake.is_empty() => match permit {
                     Ok(permit) => Wake::Room(permit),
                     Err(_closed) => Wake::Shutdown,
                 },
-                event = connection.poll() => Wake::Connection(event),
                 watermark = done.changed(), if awaiting => Wake::Done(watermark),
             };
             match wake {
@@ -195,7 +206,7 @@ impl MqttSource {
                     let message = self.intake.pop_front().expect("intake was not empty");
                     self.intake_bytes -= footprint(&message);
                     permit.send(message);
-                    self.forward_intake(&output);
+                    // The rest goes at the top of the next turn.
                 }
                 Wake::Connection(Ok(incoming)) => {
                     match incoming {
@@ -394,22 +405,27 @@ impl MqttSource {
         self.metrics.intake.set(self.intake.len() as i64);
     }
 
-    /// Passes on queued messages while the pipeline has room.
-    fn forward_intake(&mut self, output: &mpsc::Sender<Message>) {
+    /// Passes on queued messages while the pipeline has room. `Err` when the pipeline is gone
+    /// (the batcher stopped): the task stops too.
+    fn forward_intake(&mut self, output: &mpsc::Sender<Message>) -> Result<(), PipelineClosed> {
+        let mut result = Ok(());
         while let Some(message) = self.intake.pop_front() {
             let bytes = footprint(&message);
             match output.try_send(message) {
                 Ok(()) => self.intake_bytes -= bytes,
-                Err(
-                    mpsc::error::TrySendError::Full(message)
-                    | mpsc::error::TrySendError::Closed(message),
-                ) => {
+                Err(mpsc::error::TrySendError::Full(message)) => {
                     self.intake.push_front(message);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(message)) => {
+                    self.intake.push_front(message);
+                    result = Err(PipelineClosed);
                     break;
                 }
             }
         }
         self.metrics.intake.set(self.intake.len() as i64);
+        result
     }
 
     /// The Kafka side reported everything through `watermark` done.
@@ -989,6 +1005,30 @@ pub(crate) mod tests {
             let message = task.output.recv().await.expect("passed on");
             assert_eq!(message.seq, seq);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_stops_when_the_pipeline_closes_while_messages_are_queued() {
+        // One message in the pipeline, the rest queued; then the batcher goes away while the
+        // connection stays busy.
+        let mut task = start(AckMode::AfterWrite, 1).await;
+        for pkid in 1..=3 {
+            task.event(publish(pkid, QoS::AtLeastOnce, 10));
+        }
+        task.settle().await;
+        assert_eq!(task.metrics.intake.get(), 2);
+        drop(std::mem::replace(&mut task.output, mpsc::channel(1).1));
+        for pkid in 4..=300 {
+            task.event(publish(pkid, QoS::AtLeastOnce, 10));
+        }
+        tokio::time::timeout(Duration::from_secs(60), &mut task.task)
+            .await
+            .expect("the task stops (after its shutdown grace)")
+            .expect("task ends");
+        assert!(
+            task.acks().is_empty(),
+            "nothing was done, nothing acknowledged"
+        );
     }
 
     #[tokio::test(start_paused = true)]
