@@ -122,8 +122,23 @@ pub async fn expect_numbers(
         }
     }
     for (topic, newest_first) in &last_copies {
-        let in_order = newest_first.windows(2).all(|w| w[0] > w[1]);
-        assert!(in_order, "{topic}: last copies out of publish order");
+        if let Some(pair) = newest_first.windows(2).find(|w| w[0] < w[1]) {
+            // Every copy of the topic's numbers, in the order Kafka holds them, around the
+            // first number whose last copy came after a later number's.
+            let copies: Vec<u64> = reader
+                .received
+                .iter()
+                .filter(|r| r.mqtt_topic == *topic)
+                .map(number)
+                .collect();
+            let at = copies.iter().rposition(|&n| n == pair[0]).unwrap_or(0);
+            let window = &copies[at.saturating_sub(40)..(at + 40).min(copies.len())];
+            panic!(
+                "{topic}: last copies out of publish order: the last copy of {} comes after \
+                 the last copy of {}; copies in Kafka's order around it: {window:?}",
+                pair[0], pair[1]
+            );
+        }
     }
     Delivery {
         distinct: seen.len(),
