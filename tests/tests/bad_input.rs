@@ -45,6 +45,7 @@ async fn oversized_message_among_normal_ones(mqtt_version: &str, size: usize, de
 
     let publisher = Publisher::connect(mqtt.port()).await;
     publish_with_one_of(&publisher, size).await;
+    publisher.wait_acked_in_one_connection(101).await;
     // Every normal message arrives, those behind the big one included (a non-numbered payload
     // in Kafka would fail the check).
     let delivery = expect_all_numbers(&kafka.brokers(), &topic, 100, Duration::from_secs(60)).await;
@@ -66,7 +67,6 @@ async fn oversized_message_among_normal_ones(mqtt_version: &str, size: usize, de
         0.0,
         "the connection held"
     );
-    publisher.wait_acked(101).await;
     eprintln!("MQTT {mqtt_version}, {size} bytes: {delivery:?}, {counter} = {given_up}");
     if dead_letters {
         let mut reader = KafkaReader::new(&kafka.brokers(), &dlq).await;
@@ -128,6 +128,7 @@ async fn a_message_above_the_mqtt_limit_is_read_past_once_mqtt_3_1_1() {
     let size = 2 << 20;
     let publisher = Publisher::connect(mqtt.port()).await;
     publish_with_one_of(&publisher, size).await;
+    publisher.wait_acked_in_one_connection(101).await;
     let delivery = expect_all_numbers(&kafka.brokers(), &topic, 100, Duration::from_secs(60)).await;
     let mut reader = KafkaReader::new(&kafka.brokers(), &dlq).await;
     let letter = reader.read_exactly(1, Duration::from_secs(30)).await[0].clone();
@@ -138,7 +139,6 @@ async fn a_message_above_the_mqtt_limit_is_read_past_once_mqtt_3_1_1() {
     assert!(original > size, "the packet's remaining length: {original}");
     assert!(header("mqtt.dlq.error").contains("MQTT_MAX_PACKET_SIZE"));
     assert!(letter.value.is_empty());
-    publisher.wait_acked(101).await;
     let metrics = bridge.metrics().await;
     assert_eq!(
         metric_value(
