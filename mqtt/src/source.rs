@@ -94,10 +94,11 @@ pub struct MqttSource {
 }
 
 /// What woke the task up.
-enum Wake<'a> {
+enum Wake {
     Shutdown,
     Done(Option<u64>),
-    Room(mpsc::Permit<'a, Message>),
+    /// The pipeline has room again: the intake goes on at the top of the next turn.
+    Room,
     Connection(Result<Incoming, PollError>),
 }
 
@@ -193,7 +194,7 @@ impl MqttSource {
                 () = &mut shutdown => Wake::Shutdown,
                 event = connection.poll() => Wake::Connection(event),
                 permit = output.reserve(), if !self.intake.is_empty() => match permit {
-                    Ok(permit) => Wake::Room(permit),
+                    Ok(_permit) => Wake::Room,
                     Err(_closed) => Wake::Shutdown,
                 },
                 watermark = done.changed(), if awaiting => Wake::Done(watermark),
@@ -202,12 +203,7 @@ impl MqttSource {
                 Wake::Shutdown => break,
                 Wake::Done(Some(watermark)) => self.on_watermark(watermark, &connection),
                 Wake::Done(None) => acks_open = false,
-                Wake::Room(permit) => {
-                    let message = self.intake.pop_front().expect("intake was not empty");
-                    self.intake_bytes -= footprint(&message);
-                    permit.send(message);
-                    // The rest goes at the top of the next turn.
-                }
+                Wake::Room => {}
                 Wake::Connection(Ok(incoming)) => {
                     match incoming {
                         Incoming::Publish(received) => self.receive(&output, received),
@@ -408,23 +404,23 @@ impl MqttSource {
     /// Passes on queued messages while the pipeline has room. `Err` when the pipeline is gone
     /// (the batcher stopped): the task stops too.
     fn forward_intake(&mut self, output: &mpsc::Sender<Message>) -> Result<(), PipelineClosed> {
+        let queued = self.intake.len();
         let mut result = Ok(());
         while let Some(message) = self.intake.pop_front() {
             let bytes = footprint(&message);
-            match output.try_send(message) {
-                Ok(()) => self.intake_bytes -= bytes,
-                Err(mpsc::error::TrySendError::Full(message)) => {
-                    self.intake.push_front(message);
-                    break;
-                }
-                Err(mpsc::error::TrySendError::Closed(message)) => {
-                    self.intake.push_front(message);
+            if let Err(error) = output.try_send(message) {
+                if matches!(error, mpsc::error::TrySendError::Closed(_)) {
                     result = Err(PipelineClosed);
-                    break;
                 }
+                self.intake.push_front(error.into_inner());
+                break;
             }
+            self.intake_bytes -= bytes;
         }
-        self.metrics.intake.set(self.intake.len() as i64);
+        // Tried on every turn while the pipeline is full: the gauge only when it moved.
+        if self.intake.len() != queued {
+            self.metrics.intake.set(self.intake.len() as i64);
+        }
         result
     }
 
