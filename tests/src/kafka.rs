@@ -172,6 +172,32 @@ impl KafkaReader {
             .collect()
     }
 
+    /// Per partition: the offsets below the broker's high watermark that were not read (at
+    /// most `limit`), and how many were read. Tells records never stored from records stored
+    /// and not served.
+    pub fn unread_offsets(&self, limit: usize) -> Vec<String> {
+        self.positions()
+            .into_iter()
+            .map(|(partition, _, high)| {
+                let read: std::collections::BTreeSet<i64> = self
+                    .received
+                    .iter()
+                    .filter(|r| r.partition == partition)
+                    .map(|r| r.offset)
+                    .collect();
+                let unread: Vec<i64> = (0..high)
+                    .filter(|o| !read.contains(o))
+                    .take(limit)
+                    .collect();
+                format!(
+                    "partition {partition}: {} offsets read, high watermark {high}, offsets not \
+                     read {unread:?}",
+                    read.len()
+                )
+            })
+            .collect()
+    }
+
     /// Reads until `done` says so (given everything read so far) or `deadline` passed; returns
     /// whether `done` was satisfied.
     pub async fn read_until(

@@ -196,15 +196,8 @@ impl Drop for BridgeProcess {
         // The log goes to stdout; stderr holds what is printed before logging starts.
         if std::thread::panicking() {
             for (name, text) in [("stdout", self.stdout()), ("stderr", self.stderr())] {
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-                eprintln!(
-                    "bridge (pid {}) {name}, last {} of {} lines:\n{}",
-                    self.pid(),
-                    tail.len(),
-                    lines.len(),
-                    tail.join("\n")
-                );
+                let what = format!("bridge (pid {}) {name}", self.pid());
+                print_tail(&what, text.lines(), LOG_TAIL_LINES);
             }
         }
     }
@@ -212,6 +205,19 @@ impl Drop for BridgeProcess {
 
 /// How much of a bridge's log a failing test prints.
 const LOG_TAIL_LINES: usize = 60;
+
+/// Prints the last `keep` of `lines` to stderr under `what`: how a failing test shows a
+/// server's log.
+pub(crate) fn print_tail<'a>(what: &str, lines: impl Iterator<Item = &'a str>, keep: usize) {
+    let lines: Vec<&str> = lines.collect();
+    let tail = &lines[lines.len().saturating_sub(keep)..];
+    eprintln!(
+        "{what}, last {} of {} lines:\n{}",
+        tail.len(),
+        lines.len(),
+        tail.join("\n")
+    );
+}
 
 /// The CPU time (user and system, every thread) process `pid` has used so far, from /proc.
 pub fn cpu_time(pid: u32) -> Option<Duration> {

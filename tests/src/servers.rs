@@ -368,18 +368,11 @@ impl Drop for Tansu {
         kill(&mut self.child);
         if std::thread::panicking() {
             let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
-            let notable: Vec<&str> = text
+            let notable = text
                 .lines()
-                .filter(|line| line.contains("WARN") || line.contains("ERROR"))
-                .collect();
-            let tail = &notable[notable.len().saturating_sub(TANSU_LOG_LINES)..];
-            eprintln!(
-                "tansu (pid {}) warnings and errors, last {} of {}:\n{}",
-                self.child.id(),
-                tail.len(),
-                notable.len(),
-                tail.join("\n")
-            );
+                .filter(|line| line.contains("WARN") || line.contains("ERROR"));
+            let what = format!("tansu (pid {}) warnings and errors", self.child.id());
+            crate::process::print_tail(&what, notable, TANSU_LOG_LINES);
         }
     }
 }
